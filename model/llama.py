@@ -1,0 +1,124 @@
+"""LLaMA 2 written from scratch, with Meta's module names so Meta checkpoints load as they are.
+
+    h = tok_embeddings(tokens)                                   (B, T, D)
+    for each block:  h = h + wo(attn(rope(wq(n1)), rope(wk(n1)), wv(n1)))      n1 = attention_norm(h)
+                     h = h + w2(silu(w1(n2)) * w3(n2))                        n2 = ffn_norm(h)
+    logits = output(norm(h))                                     (B, T, V)
+
+Rotary embeddings use Meta's interleaved pairs (x[2i], x[2i+1]) with fp32 cos/sin (checkpoints in HF's
+rotate-half order are un-permuted at load time, model/checkpoint.py). Attention is causal SDPA with GQA.
+The three pointwise ops come either from the fused Triton kernels or from their pure-torch references
+(`use_kernels`); both compute the same function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from kernels import REFERENCE
+
+from .config import ModelConfig
+
+
+def _ops(use_kernels: bool):
+    """(rms_norm, swiglu, apply_rope): the Triton kernels or their pure-torch specs."""
+    if use_kernels:
+        return kernels.rms_norm, kernels.swiglu, kernels.apply_rope
+    return REFERENCE.rms_norm, REFERENCE.swiglu, REFERENCE.apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor, use_kernels: bool = False) -> Tensor:
+        return _ops(use_kernels)[0](x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_kernels: bool = False) -> Tensor:
+        B, T, _ = x.shape
+        rope = _ops(use_kernels)[2]
+        q = rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, Dh)
+        k = rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, Dh)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, Dh)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, Dh)
+        return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+
+    def forward(self, x: Tensor, use_kernels: bool = False) -> Tensor:
+        return self.w2(_ops(use_kernels)[1](self.w1(x), self.w3(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, use_kernels: bool = False) -> Tensor:
+        h = h + self.attention(self.attention_norm(h, use_kernels), cos, sin, use_kernels)
+        return h + self.feed_forward(self.ffn_norm(h, use_kernels), use_kernels)
+
+
+class Transformer(nn.Module):
+    """LLaMA 2. `use_kernels` picks the Triton ops; `checkpointing` recomputes each block in backward."""
+
+    def __init__(self, cfg: ModelConfig, *, use_kernels: bool = False, checkpointing: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.use_kernels = use_kernels
+        self.checkpointing = checkpointing
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """tokens: (B, T) -> final normed hidden states (B, T, D), before the vocabulary projection.
+
+        positions: (T,) or (B, T) integer positions (default arange(T)); per-row positions serve packed rows.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device)
+        elif positions.shape[-1] != T or positions.dim() not in (1, 2):
+            raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens {(B, T)}")
+        cos, sin = REFERENCE.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        for layer in self.layers:
+            if self.checkpointing and torch.is_grad_enabled():
+                # non-reentrant: works with frozen inputs and keeps autograd hooks exact
+                h = checkpoint(layer, h, cos, sin, self.use_kernels, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, self.use_kernels)
+        return self.norm(h, self.use_kernels)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+        """tokens: (B, T) int -> logits (B, T, vocab) in the weights' dtype."""
+        return self.output(self.hidden_states(tokens, positions))
