@@ -99,6 +99,18 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init for training from scratch or benchmarking: N(0, std) matrices, unit norm weights.
+
+        Works after `to_empty()` of a meta-built model, on any device and dtype.
+        """
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif not name.endswith(("lora_a", "lora_b")):  # adapters have their own init
+                p.normal_(0.0, std, generator=generator)
+
     def hidden_states(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
         """tokens: (B, T) -> final normed hidden states (B, T, D), before the vocabulary projection.
 

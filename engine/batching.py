@@ -1,0 +1,77 @@
+"""Which examples go into which micro-batch: a pure function of (seed, step, rank), so resume is exact.
+
+The data position is implied by the optimizer step: step s is batch s % steps_per_epoch of epoch
+s // steps_per_epoch, whose examples are a slice of that epoch's seeded permutation. Each global batch
+(micro_batch * grad_accum * world_size examples) is cut into contiguous per-rank slices, each split into
+grad_accum micro-batches. Every rank can therefore also count the supervised tokens of the whole global
+batch without communicating, which is what the loss is normalised by.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips: prompt and padding positions
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One tokenized training example: ids and labels of equal length (labels -100 where unsupervised)."""
+    ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    @property
+    def n_supervised(self) -> int:
+        # labels are aligned with ids; the first position never has a predecessor to predict it
+        return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    n_examples: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.n_examples < self.global_batch:
+            raise ValueError(f"the training set has {self.n_examples} examples, fewer than one global batch of "
+                             f"{self.global_batch} (micro_batch {self.micro_batch} x grad_accum {self.grad_accum} "
+                             f"x world_size {self.world_size})")
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_examples // self.global_batch  # the incomplete last batch of an epoch is dropped
+
+    def global_indices(self, step: int) -> list[int]:
+        epoch, b = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n_examples, generator=gen)
+        return perm[b * self.global_batch:(b + 1) * self.global_batch].tolist()
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """The grad_accum micro-batches (lists of example indices) of `rank` for optimizer step `step`."""
+        idx = self.global_indices(step)
+        per_rank = self.micro_batch * self.grad_accum
+        mine = idx[rank * per_rank:(rank + 1) * per_rank]
+        return [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
+
+
+def collate(seqs: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence -> input_ids (B, T), labels (B, T) with -100 on pads.
+
+    Right padding keeps every real token's causal context free of pads, so no attention mask is needed.
+    """
+    T = max(len(s.ids) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s.ids)] = torch.tensor(s.ids)
+        labels[i, :len(s.labels)] = torch.tensor(s.labels)
+    return ids, labels

@@ -1,0 +1,95 @@
+"""Training checkpoints: adapters, optimizer, step, RNG states and the full config, written atomically.
+
+Layout:  <out_dir>/checkpoints/step_0000120/{adapters.safetensors, optimizer.pt, state.pt, config.json}
+A checkpoint is written into a temporary sibling directory and renamed into place, so a crash mid-write
+never leaves a half checkpoint under a final name; only the newest `keep_last` are kept. The data position
+is a function of the step (engine/batching.py) and the lr a function of the step (engine/optim.py), so
+step + RNG + optimizer state is everything a resume needs to continue bit-identically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# Fields that may change between a run and its resume without changing the result.
+RESUME_MUTABLE = {"resume", "log_every", "save_every", "keep_last", "eval_every", "eval_max_examples", "device",
+                  "kernels", "activation_checkpointing"}
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: str | Path, *, model: nn.Module, opt: torch.optim.Optimizer, state: dict,
+                    config: dict, keep_last: int) -> Path:
+    root = checkpoint_dir(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{state['step']:07d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(trainable_state(model), str(tmp / "adapters.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary directories are ignored)."""
+    root = checkpoint_dir(out_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and (p / "state.pt").exists())
+
+
+def check_resume_config(saved: dict, current: dict, path: Path) -> None:
+    diff = {k: (saved.get(k), v) for k, v in current.items()
+            if k not in RESUME_MUTABLE and _norm(saved.get(k)) != _norm(v)}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"cannot resume from {path}: the run config changed ({lines})")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def load_checkpoint(path: Path, *, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Load adapters + optimizer from `path`; returns the saved state dict (step, rng, ...)."""
+    adapters = load_file(str(path / "adapters.safetensors"))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(adapters) != expected:
+        raise ValueError(f"{path}/adapters.safetensors: missing {sorted(expected - set(adapters))}, "
+                         f"unexpected {sorted(set(adapters) - expected)}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in adapters.items():
+            if params[name].shape != t.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, model expects "
+                                 f"{tuple(params[name].shape)}")
+            params[name].copy_(t)
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    return torch.load(path / "state.pt", weights_only=True)
+
+
+def run_config(train_cfg, model_cfg) -> dict:
+    return {"train": asdict(train_cfg), "model": asdict(model_cfg)}

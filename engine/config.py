@@ -1,0 +1,129 @@
+"""Run configuration: frozen dataclasses, and a CLI derived from their fields.
+
+`parse_config(TrainConfig, argv)` applies `--config run.json` first, then the flags; each field appears once,
+with its default defined once, here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+DATA_KINDS = ("meld", "emorynlp", "iemocap", "jsonl", "prompts")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model: str = "tiny"  # checkpoint directory (Meta or HF layout) or a preset name (random init, for tests/benchmarks)
+    tokenizer: str = ""  # sentencepiece tokenizer.model; default: <model>/tokenizer.model or its parent's
+    dtype: str = "bf16"  # base weights and activations: bf16 | fp32 (adapters and optimizer are always fp32)
+    device: str = "auto"  # auto | cpu | cuda
+    kernels: str = "auto"  # Triton kernels: auto (on for CUDA) | on | off
+    activation_checkpointing: str = "full"  # none | full (per transformer block, non-reentrant)
+    # LoRA
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("wq", "wv")
+    # data: "kind=path" items; kind in DATA_KINDS ("prompts" = JSONL of {"prompt", "response"})
+    train_data: tuple[str, ...] = ()
+    dev_data: tuple[str, ...] = ()
+    knowledge: tuple[str, ...] = ()  # "dataset=path" sidecar CSV/JSONL of supplementary knowledge
+    context_turns: str = "2"  # previous utterances in each prompt: an integer or "all"
+    max_len: int = 512
+    # optimisation
+    micro_batch: int = 8
+    grad_accum: int = 16  # global batch = micro_batch * grad_accum * world_size (the paper: 128)
+    epochs: int = 5
+    max_steps: int = 0  # > 0 overrides epochs
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    # bookkeeping
+    out_dir: str = "runs/default"
+    log_every: int = 1
+    save_every: int = 100
+    keep_last: int = 2
+    eval_every: int = 0  # 0: evaluate on dev only at the end
+    eval_max_examples: int = 0  # 0: the whole dev split
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("dtype", self.dtype, ("bf16", "fp32"))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("kernels", self.kernels, ("auto", "on", "off"))
+        _check_choice("activation_checkpointing", self.activation_checkpointing, ("none", "full"))
+        for name in ("lora_rank", "max_len", "micro_batch", "grad_accum", "log_every", "save_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "eval_max_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.grad_clip <= 0:
+            raise ValueError(f"--grad_clip must be positive, got {self.grad_clip}")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ValueError("one of --epochs or --max_steps must be positive")
+        if self.context_turns != "all" and not (self.context_turns.isdigit()):
+            raise ValueError(f"--context_turns must be a non-negative integer or 'all', got {self.context_turns!r}")
+        for spec in self.train_data + self.dev_data:
+            kind = spec.split("=", 1)[0]
+            if "=" not in spec or kind not in DATA_KINDS:
+                raise ValueError(f"data spec {spec!r} must be KIND=PATH with KIND in {', '.join(DATA_KINDS)}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _field_parser(tp) -> typing.Callable[[str], object]:
+    """The argparse `type` for a dataclass field's annotation (tuples are comma-separated)."""
+    if tp in ("tuple[str, ...]", tuple[str, ...]):
+        return lambda s: tuple(x for x in s.split(",") if x)
+    return {"int": int, "float": float, "str": str, int: int, float: float, str: str}[tp]
+
+
+def parse_config(cls, argv: list[str] | None = None):
+    """Build `cls` from `--config file.json` (optional) and then one `--field value` flag per field."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    base: dict = {}
+    if known.config is not None:
+        try:
+            base = json.loads(known.config.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--config {known.config}: {e}") from None
+        unknown = set(base) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"--config {known.config}: unknown keys {sorted(unknown)}")
+        base = {k: tuple(v) if isinstance(v, list) else v for k, v in base.items()}
+
+    parser = argparse.ArgumentParser(parents=[pre], description=cls.__doc__)
+    for f in fields(cls):
+        default = base.get(f.name, f.default if f.default is not MISSING else None)
+        if f.type in ("bool", bool):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=_field_parser(f.type), default=default,
+                                help=f"default: {default!r}")
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    return cls(**args)
+
+
+def config_to_json(cfg) -> str:
+    return json.dumps(asdict(cfg), indent=2, sort_keys=True)

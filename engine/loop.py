@@ -1,0 +1,174 @@
+"""The training loop: one flat function, read top to bottom.
+
+Per optimizer step:  lr from the step -> grad_accum micro-batches, each loss summed over supervised tokens and
+scaled by world_size / (supervised tokens in the whole global batch) -> DDP averages over ranks -> clip at
+grad_clip -> AdamW -> log, evaluate, checkpoint. The data order, the lr and the dropout RNG are functions of
+(seed, step, rank), so a resumed run continues exactly where the interrupted one stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .batching import BatchPlan, Sequence, collate
+from .checkpoint import check_resume_config, list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
+from .config import TrainConfig
+from .log import MetricsLog
+from .loss import SupervisedLoss
+from .optim import lr_at, make_optimizer, set_lr, trainable_parameters
+from .runtime import Runtime, peak_memory_gb, rng_state, set_rng_state
+
+Evaluator = Callable[[nn.Module], dict]  # model -> metrics with at least "weighted_f1"
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when the loss or gradient norm is NaN/inf; the last good checkpoint is left intact."""
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and returns."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _reseed(seed: int, step: int, rank: int) -> None:
+    # dropout masks become a function of (seed, step, rank): exact resume on every rank, distinct across ranks
+    torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
+
+
+def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, train_seqs: list[Sequence],
+               pad_id: int, evaluator: Evaluator | None = None) -> dict:
+    """Train the adapters of `model` on `train_seqs`; returns the final state (step, best metric, ...)."""
+    out = Path(cfg.out_dir)
+    log = MetricsLog(out / "metrics.jsonl", enabled=rt.is_main)
+    plan = BatchPlan(len(train_seqs), cfg.micro_batch, cfg.grad_accum, rt.world_size, cfg.seed)
+    total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
+    run_cfg = {"train": asdict(cfg), "model": asdict(model_config)}
+    params = trainable_parameters(model)
+    opt = make_optimizer(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                         weight_decay=cfg.weight_decay)
+    loss_fn: nn.Module = SupervisedLoss(model)
+    if rt.distributed:
+        loss_fn = DistributedDataParallel(loss_fn, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    state = {"step": 0, "best_weighted_f1": -1.0, "best_step": -1}
+    checkpoints = list_checkpoints(out)
+    if cfg.resume and checkpoints:
+        saved_cfg = (checkpoints[-1] / "config.json").read_text()
+        check_resume_config(json.loads(saved_cfg)["train"], asdict(cfg), checkpoints[-1])
+        state = load_checkpoint(checkpoints[-1], model=model, opt=opt)
+        set_rng_state(state.pop("rng"))
+        log.info(f"resumed from {checkpoints[-1]} at step {state['step']}")
+    elif checkpoints:
+        raise ValueError(f"{out} already holds checkpoints ({checkpoints[-1].name}); pass --resume to continue "
+                         "or choose another --out_dir")
+    log.info(f"{len(train_seqs)} examples | global batch {plan.global_batch} | {plan.steps_per_epoch} steps/epoch "
+             f"| {total_steps} steps | {sum(p.numel() for p in params):,} trainable parameters")
+
+    def save() -> None:
+        if rt.is_main:
+            save_checkpoint(out, model=model, opt=opt, state={**state, "rng": rng_state()}, config=run_cfg,
+                            keep_last=cfg.keep_last)
+
+    model.train()
+    t_start, tokens_done = time.perf_counter(), 0
+    with _StopRequest() as stop:
+        while state["step"] < total_steps:
+            step = state["step"]
+            _reseed(cfg.seed, step, rt.rank)
+            lr = lr_at(step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=total_steps)
+            set_lr(opt, lr)
+            global_seqs = [train_seqs[i] for i in plan.global_indices(step)]
+            n_sup = sum(s.n_supervised for s in global_seqs)  # every rank counts the same global batch
+            micro_batches = plan.micro_batches(step, rt.rank)
+            loss_sum = torch.zeros((), device=rt.device)
+            for j, idx in enumerate(micro_batches):
+                ids, labels = collate([train_seqs[i] for i in idx], pad_id)  # (b, T) each
+                last = j == len(micro_batches) - 1
+                with nullcontext() if (last or not rt.distributed) else loss_fn.no_sync():
+                    loss = loss_fn(ids.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True))
+                    # DDP averages over ranks, hence x world_size: the update is the mean over all n_sup tokens
+                    (loss * (rt.world_size / n_sup)).backward()
+                loss_sum += loss.detach()
+            if rt.distributed:
+                dist.all_reduce(loss_sum)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            loss_val = loss_sum.item() / n_sup
+            if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
+                raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} at "
+                                     f"step {step + 1} (loss {loss_val}, grad norm {gnorm}); stopped without "
+                                     f"saving, the last good checkpoint in {out / 'checkpoints'} is intact")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            tokens_done += sum(len(s.ids) for s in global_seqs)
+            elapsed = time.perf_counter() - t_start
+            if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+                log.step(step=state["step"], total=total_steps, loss=loss_val, lr=lr, gnorm=gnorm,
+                         tokens_per_s=tokens_done / elapsed, elapsed_s=elapsed,
+                         peak_mem_gb=peak_memory_gb(rt.device), supervised_tokens=n_sup)
+            done = state["step"] == total_steps
+            if evaluator is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
+                _evaluate(evaluator, model, state, out, rt, log, run_cfg)
+            if done or state["step"] % cfg.save_every == 0 or stop.signal is not None:
+                save()
+            if stop.signal is not None:
+                log.info(f"received signal {stop.signal}: checkpoint saved at step {state['step']}; "
+                         "continue with --resume")
+                state["interrupted"] = True
+                break
+    if rt.distributed:
+        dist.barrier()
+    return state
+
+
+def _evaluate(evaluator: Evaluator, model: nn.Module, state: dict, out: Path, rt: Runtime, log: MetricsLog,
+              run_cfg: dict) -> None:
+    """Dev evaluation on the main process; keeps the best adapters by weighted F1 in <out_dir>/best/."""
+    if rt.is_main:
+        model.eval()
+        metrics = evaluator(model)
+        model.train()
+        f1 = float(metrics["weighted_f1"])
+        log.info(f"eval @ step {state['step']}: " + " | ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        log.write({"step": state["step"], "eval": {k: v for k, v in metrics.items() if isinstance(v, float)}})
+        if f1 > state["best_weighted_f1"]:
+            state["best_weighted_f1"], state["best_step"] = f1, state["step"]
+            best = out / "best"
+            best.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(model), str(best / "adapters.safetensors.tmp"))
+            (best / "adapters.safetensors.tmp").replace(best / "adapters.safetensors")
+            (best / "config.json").write_text(json.dumps(
+                {**run_cfg, "step": state["step"], "metrics": metrics}, indent=2, default=str))
+    if rt.distributed:
+        # every rank needs the same best-metric state so their checkpoints agree
+        holder = [state["best_weighted_f1"], state["best_step"]]
+        dist.broadcast_object_list(holder, src=0)
+        state["best_weighted_f1"], state["best_step"] = holder

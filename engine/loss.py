@@ -1,0 +1,33 @@
+"""Summed next-token cross-entropy over supervised positions only.
+
+ERC supervises a handful of label tokens per example, so projecting every position onto the 32k vocabulary
+(B x T x V fp32 logits) would be almost all waste: the final hidden states are gathered at the supervised
+positions first, then projected, then cast to fp32 for the loss.
+
+The loss is a SUM; the loop scales it by 1 / (supervised tokens in the whole global batch), so that gradient
+accumulation and data parallelism give the same update as one big batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batching import IGNORE_INDEX
+
+
+class SupervisedLoss(nn.Module):
+    """Wraps the Transformer so DistributedDataParallel sees one forward that returns the loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
+        """input_ids, labels: (B, T) -> summed fp32 CE of predicting labels[:, t+1] from position t."""
+        h = self.model.hidden_states(input_ids, positions)  # (B, T, D)
+        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+        mask = targets != IGNORE_INDEX  # (B, T-1)
+        h_sup = h[:, :-1][mask]  # (N, D): only supervised positions reach the vocabulary projection
+        logits = self.model.output(h_sup).float()  # (N, V) fp32 for a stable log-softmax
+        return F.cross_entropy(logits, targets[mask], reduction="sum")

@@ -1,0 +1,41 @@
+"""Small shared pieces for engine tests: a tiny LoRA model and synthetic supervised sequences."""
+from __future__ import annotations
+
+import random
+
+from engine.batching import IGNORE_INDEX, Sequence
+from engine.build import build_lora_model
+from engine.config import TrainConfig
+from engine.runtime import setup_runtime
+
+
+def synthetic_sequences(n: int, vocab: int = 512, seed: int = 0) -> list[Sequence]:
+    """Variable-length rows whose last 1-3 tokens are supervised, like ERC label words."""
+    rnd = random.Random(seed)
+    seqs = []
+    for _ in range(n):
+        length = rnd.randint(6, 24)
+        ids = tuple(rnd.randrange(3, vocab) for _ in range(length))
+        n_sup = rnd.randint(1, 3)
+        labels = tuple(IGNORE_INDEX if t < length - n_sup else ids[t] for t in range(length))
+        seqs.append(Sequence(ids, labels))
+    return seqs
+
+
+def tiny_setup(cfg: TrainConfig):
+    rt = setup_runtime(cfg.device if cfg.device != "auto" else "cpu", cfg.dtype, cfg.kernels)
+    model, mcfg = build_lora_model(cfg, rt, vocab_size=None)
+    return rt, model, mcfg
+
+
+def base_cfg(tmp_path, **kw) -> TrainConfig:
+    defaults = dict(model="tiny", dtype="fp32", device="cpu", kernels="off", activation_checkpointing="none",
+                    micro_batch=2, grad_accum=2, epochs=1, out_dir=str(tmp_path / "run"), lora_dropout=0.0,
+                    lora_targets=("wq", "wk", "wv", "w2"), lr=1e-2, warmup_steps=1, save_every=100)
+    defaults.update(kw)
+    return TrainConfig(**defaults)
+
+# Adam's update g / (sqrt(v) + eps) is close to sign(g) when |g| >> eps, so a 1e-9 difference in a near-zero
+# gradient (fp32 sums taken in another order) can flip an update by lr. Equivalence tests of the batching
+# math use a large eps, which makes Adam a smooth function of the gradient, and then compare tightly.
+ADAM_EPS = 1.0  # with lr=1.0 the updates are still O(grad), large enough to compare
