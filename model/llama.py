@@ -50,14 +50,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_kernels: bool = False) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_kernels: bool = False,
+                mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         rope = _ops(use_kernels)[2]
         q = rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, Dh)
         k = rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, Dh)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        # mask None: plain causal attention; else a bool (B, 1, T, T) "query may see key" mask, which
+        # confines attention to each packed example or scores several continuations of one prompt at once
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, Dh)
         return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -81,8 +84,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, use_kernels: bool = False) -> Tensor:
-        h = h + self.attention(self.attention_norm(h, use_kernels), cos, sin, use_kernels)
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, use_kernels: bool = False,
+                mask: Tensor | None = None) -> Tensor:
+        h = h + self.attention(self.attention_norm(h, use_kernels), cos, sin, use_kernels, mask)
         return h + self.feed_forward(self.ffn_norm(h, use_kernels), use_kernels)
 
 
@@ -111,26 +115,31 @@ class Transformer(nn.Module):
             elif not name.endswith(("lora_a", "lora_b")):  # adapters have their own init
                 p.normal_(0.0, std, generator=generator)
 
-    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """tokens: (B, T) -> final normed hidden states (B, T, D), before the vocabulary projection.
 
         positions: (T,) or (B, T) integer positions (default arange(T)); per-row positions serve packed rows.
+        mask: optional bool (B, T, T), True where query t may attend to key s; default causal.
         """
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
         elif positions.shape[-1] != T or positions.dim() not in (1, 2):
             raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens {(B, T)}")
+        if mask is not None:
+            if mask.shape != (B, T, T) or mask.dtype != torch.bool:
+                raise ValueError(f"mask must be bool (B, T, T) = {(B, T, T)}, got {mask.dtype} {tuple(mask.shape)}")
+            mask = mask[:, None]  # (B, 1, T, T): shared by all heads
         cos, sin = REFERENCE.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 # non-reentrant: works with frozen inputs and keeps autograd hooks exact
-                h = checkpoint(layer, h, cos, sin, self.use_kernels, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, self.use_kernels, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, self.use_kernels)
+                h = layer(h, cos, sin, self.use_kernels, mask)
         return self.norm(h, self.use_kernels)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """tokens: (B, T) int -> logits (B, T, vocab) in the weights' dtype."""
-        return self.output(self.hidden_states(tokens, positions))
+        return self.output(self.hidden_states(tokens, positions, mask))
