@@ -1,0 +1,182 @@
+"""Dialogue -> Example: DialogueLLM's instruction recipe as pure string functions.
+
+One Example per utterance (the target). The prompt holds, in order: an instruction naming the task, the
+dataset and its label words; optional few-shot demonstrations (n utterances drawn once from train with a
+fixed seed); the k previous utterances with their speakers (k = PromptConfig.context_turns, "all" for the
+whole history); the target with its speaker; the target's supplementary knowledge when it has one; and the
+answer cue. The response is the label word (EOS is added at tokenization, data/collate.py):
+
+    ### Instruction:
+    Identify the emotion of the target utterance in this MELD conversation. Answer with exactly one of: ...
+
+    ### Context:
+    Ann: I lost my keys again.
+    Ben: Check the table.
+
+    ### Target:
+    Ann: Found them!
+
+    ### Knowledge:
+    Ann laughs and holds up a key ring.
+
+    ### Response:
+
+The prompt ends with "### Response:" and no space: the response is tokenized on its own, and SentencePiece's
+dummy-prefix space makes prompt ids + response ids equal to the ids of `prompt + " " + response` (checked
+on the LLaMA 2 tokenizer in tests). A newline there instead would split "sad" into "s" + "ad".
+Examples keep their PromptParts so that truncation can re-render them with fewer context turns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from data.schema import LABELS, DataError, Dialogue, Utterance
+
+DATASET_NAMES = {"meld": "MELD", "emorynlp": "EmoryNLP", "iemocap": "IEMOCAP"}
+DEFAULT_LABEL_WORDS: dict[str, dict[str, str]] = {
+    "meld": {label: label for label in LABELS["meld"]},
+    "emorynlp": {label: label.lower() for label in LABELS["emorynlp"]},
+    "iemocap": {"hap": "happy", "sad": "sad", "neu": "neutral", "ang": "angry", "exc": "excited",
+                "fru": "frustrated"},
+}
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    context_turns: int | str = 2       # previous utterances shown before the target; "all" = whole history
+    use_knowledge: bool = True         # show the target's knowledge text when it has one
+    n_shots: int = 0                   # few-shot demonstrations; 0 = zero-shot
+    seed: int = 0                      # draws the demonstrations
+    label_words: Mapping[str, Mapping[str, str]] | None = None   # per dataset {label: word}; default below
+
+    def __post_init__(self):
+        k = self.context_turns
+        if not (k == "all" or (isinstance(k, int) and not isinstance(k, bool) and k >= 0)):
+            raise ValueError(f"context_turns must be an int >= 0 or 'all', got {k!r}")
+        if self.n_shots < 0:
+            raise ValueError(f"n_shots must be >= 0, got {self.n_shots}")
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    instruction: str
+    context: tuple[tuple[str, str], ...]    # (speaker, text), oldest first
+    speaker: str
+    text: str
+    knowledge: str | None = None
+    demonstrations: tuple[str, ...] = ()    # rendered few-shot blocks
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str                  # render_prompt(parts) with the full context
+    response: str                # the label word
+    label: str                   # the canonical label (Utterance.emotion)
+    dataset: str
+    dialogue_id: str
+    utterance_index: int         # position of the target in the dialogue
+    parts: PromptParts | None = None    # None for plain prompt/response pairs (no truncation possible)
+    choices: tuple[str, ...] = ()       # every label word of the dataset, in label order (for decoding)
+
+
+def label_words(dataset: str, labels: Sequence[str], cfg: PromptConfig) -> dict[str, str]:
+    """{label: word} for `dataset`: cfg.label_words[dataset], else the defaults, else the label lower-cased.
+    Words must cover exactly the labels and be distinct, so a decoded word maps back to one label."""
+    words = dict((cfg.label_words or {}).get(dataset) or DEFAULT_LABEL_WORDS.get(dataset)
+                 or {label: label.lower() for label in labels})
+    if set(words) != set(labels):
+        raise ValueError(f"label words for {dataset} must cover exactly {tuple(labels)}, got {tuple(words)}")
+    clean = [w.strip() for w in words.values()]
+    if any(not w or "\n" in w for w in clean) or len(set(clean)) != len(clean):
+        raise ValueError(f"label words for {dataset} must be distinct one-line words, got {words}")
+    return {label: words[label].strip() for label in labels}
+
+
+def instruction(dataset: str, words: Sequence[str]) -> str:
+    name = DATASET_NAMES.get(dataset, dataset)
+    return (f"Identify the emotion of the target utterance in this {name} conversation. "
+            f"Answer with exactly one of: {', '.join(words)}.")
+
+
+def render_demonstration(u: Utterance, word: str) -> str:
+    return f"{u.speaker}: {u.text}\nEmotion: {word}"
+
+
+def render_prompt(parts: PromptParts) -> str:
+    """The prompt text; sections are separated by blank lines and empty sections are left out."""
+    sections = [f"### Instruction:\n{parts.instruction}"]
+    if parts.demonstrations:
+        sections.append("### Examples:\n" + "\n\n".join(parts.demonstrations))
+    if parts.context:
+        sections.append("### Context:\n" + "\n".join(f"{s}: {t}" for s, t in parts.context))
+    sections.append(f"### Target:\n{parts.speaker}: {parts.text}")
+    if parts.knowledge:
+        sections.append(f"### Knowledge:\n{parts.knowledge}")
+    sections.append("### Response:")
+    return "\n\n".join(sections)
+
+
+def with_context(parts: PromptParts, n_turns: int, n_demonstrations: int | None = None) -> PromptParts:
+    """`parts` keeping only the `n_turns` most recent context turns (and the first n demonstrations)."""
+    context = parts.context[len(parts.context) - n_turns:] if n_turns > 0 else ()
+    demos = parts.demonstrations if n_demonstrations is None else parts.demonstrations[:n_demonstrations]
+    return dataclasses.replace(parts, context=context, demonstrations=demos)
+
+
+def draw_demonstrations(pool: Sequence[Dialogue], n: int, seed: int) -> list[Utterance]:
+    """n utterances drawn without replacement from the pool (train dialogues) with a fixed seed."""
+    utterances = [u for d in pool for u in d.utterances]
+    if n > len(utterances):
+        raise ValueError(f"n_shots={n} but the demonstration pool has only {len(utterances)} utterances")
+    return random.Random(seed).sample(utterances, n)
+
+
+def build_examples(dialogues: Sequence[Dialogue], dataset: str, cfg: PromptConfig = PromptConfig(), *,
+                   labels: Sequence[str] | None = None,
+                   demo_pool: Sequence[Dialogue] | None = None) -> list[Example]:
+    """One Example per utterance, in dialogue order.
+
+    Args:
+        dataset: "meld" | "emorynlp" | "iemocap" or any other name (then `labels` is required).
+        labels: the label set; default LABELS[dataset].
+        demo_pool: dialogues to draw few-shot demonstrations from (the train split); needed when n_shots > 0.
+    """
+    if labels is None:
+        if dataset not in LABELS:
+            raise ValueError(f"dataset {dataset!r} has no built-in label set; pass labels=")
+        labels = LABELS[dataset]
+    words = label_words(dataset, labels, cfg)
+    choices = tuple(words[label] for label in labels)
+    demos: tuple[str, ...] = ()
+    if cfg.n_shots:
+        if demo_pool is None:
+            raise ValueError(f"n_shots={cfg.n_shots} needs demo_pool= (the train dialogues)")
+        demos = tuple(render_demonstration(u, words[u.emotion])
+                      for u in draw_demonstrations(demo_pool, cfg.n_shots, cfg.seed))
+    task = instruction(dataset, choices)
+    examples = []
+    for d in dialogues:
+        for i, u in enumerate(d.utterances):
+            if u.emotion not in words:
+                raise DataError(f"{dataset} dialogue {d.dialogue_id!r} utterance {i}: label {u.emotion!r} "
+                                f"not in {tuple(labels)}")
+            start = 0 if cfg.context_turns == "all" else max(0, i - cfg.context_turns)
+            parts = PromptParts(
+                instruction=task, context=tuple((c.speaker, c.text) for c in d.utterances[start:i]),
+                speaker=u.speaker, text=u.text, knowledge=u.knowledge if cfg.use_knowledge else None,
+                demonstrations=demos)
+            examples.append(Example(prompt=render_prompt(parts), response=words[u.emotion], label=u.emotion,
+                                    dataset=dataset, dialogue_id=d.dialogue_id, utterance_index=i,
+                                    parts=parts, choices=choices))
+    return examples
+
+
+def mix_examples(example_lists: Sequence[Sequence[Example]], seed: int) -> list[Example]:
+    """Joint training over several datasets: concatenate and shuffle with a fixed seed. Each example keeps
+    its own dataset's instruction and label words, so label sets never mix within a prompt."""
+    mixed = [e for examples in example_lists for e in examples]
+    random.Random(seed).shuffle(mixed)
+    return mixed
