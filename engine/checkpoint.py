@@ -73,20 +73,26 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """Load adapters + optimizer from `path`; returns the saved state dict (step, rng, ...)."""
-    adapters = load_file(str(path / "adapters.safetensors"))
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(adapters) != expected:
-        raise ValueError(f"{path}/adapters.safetensors: missing {sorted(expected - set(adapters))}, "
-                         f"unexpected {sorted(set(adapters) - expected)}")
-    params = dict(model.named_parameters())
+def load_trainable(model: nn.Module, file: Path) -> None:
+    """Copy an adapters.safetensors into the model's trainable tensors; keys and shapes must match exactly."""
+    if not file.is_file():
+        raise ValueError(f"{file}: no such adapter file")
+    adapters = load_file(str(file))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(adapters) != set(params):
+        raise ValueError(f"{file}: missing {sorted(set(params) - set(adapters))}, "
+                         f"unexpected {sorted(set(adapters) - set(params))}")
+    for name, t in adapters.items():
+        if params[name].shape != t.shape:
+            raise ValueError(f"{file}: {name} has shape {tuple(t.shape)}, model expects {tuple(params[name].shape)}")
     with torch.no_grad():
         for name, t in adapters.items():
-            if params[name].shape != t.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(t.shape)}, model expects "
-                                 f"{tuple(params[name].shape)}")
             params[name].copy_(t)
+
+
+def load_checkpoint(path: Path, *, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Load adapters + optimizer from `path`; returns the saved state dict (step, rng, ...)."""
+    load_trainable(model, path / "adapters.safetensors")
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     return torch.load(path / "state.pt", weights_only=True)
 

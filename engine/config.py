@@ -84,6 +84,37 @@ class TrainConfig:
                 raise ValueError(f"data spec {spec!r} must be KIND=PATH with KIND in {', '.join(DATA_KINDS)}")
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    run: str = ""  # a train.py out_dir (uses best/, else the newest checkpoint) or one checkpoint dir; "" = base only
+    data: tuple[str, ...] = ()  # KIND=PATH, an ERC kind (meld, emorynlp, iemocap, jsonl)
+    split: str = "test"
+    model: str = ""  # base weights; default: the run's --model
+    tokenizer: str = ""  # default: the run's, else found beside the model
+    knowledge: tuple[str, ...] = ()  # default: the run's
+    context_turns: str = ""  # default: the run's (2 without a run)
+    max_len: int = 0  # default: the run's (512 without a run)
+    out_dir: str = ""  # default: <run>/eval_<split>_<kind>
+    batch_size: int = 8
+    max_examples: int = 0  # 0: the whole split
+    dtype: str = "bf16"
+    device: str = "auto"
+    kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("split", self.split, ("train", "dev", "test"))
+        _check_choice("dtype", self.dtype, ("bf16", "fp32"))
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("kernels", self.kernels, ("auto", "on", "off"))
+        if not self.data:
+            raise ValueError("--data KIND=PATH is required")
+        for spec in self.data:
+            if "=" not in spec or spec.split("=", 1)[0] not in DATA_KINDS[:4]:
+                raise ValueError(f"data spec {spec!r} must be KIND=PATH with KIND in {', '.join(DATA_KINDS[:4])}")
+        if self.batch_size <= 0 or self.max_examples < 0 or self.max_len < 0:
+            raise ValueError("--batch_size must be positive, --max_examples and --max_len >= 0")
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")

@@ -1,0 +1,70 @@
+"""From run config to data: training Sequences and dev/test example sets, all validated before the model loads.
+
+A data spec is KIND=PATH: meld, emorynlp, iemocap and jsonl (dialogue JSONL) go through the ERC pipeline
+(dialogues -> DialogueLLM prompts -> label word + EOS); `prompts` is a JSONL of {"prompt", "response"} rows.
+Several training specs are mixed into one shuffled set (the paper trains jointly on its three corpora).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data import (LABELS, Example, PromptConfig, Tokenizer, attach_knowledge, build_examples, dialogue_labels,
+                  encode_example, load_dialogues, load_prompt_response_jsonl, mix_examples)
+
+from .batching import Sequence
+
+
+@dataclass(frozen=True)
+class ExampleSet:
+    """The examples of one dataset split, with the label set the decoder chooses from."""
+    dataset: str
+    examples: list[Example]
+    labels: tuple[str, ...]  # canonical labels, in the order of each example's `choices` (label words)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    kind, _, path = spec.partition("=")
+    return kind, path
+
+
+def _knowledge_for(knowledge: tuple[str, ...], dataset: str) -> list[str]:
+    return [parse_spec(k)[1] for k in knowledge if parse_spec(k)[0] == dataset]
+
+
+def load_example_set(spec: str, split: str, prompt_cfg: PromptConfig,
+                     knowledge: tuple[str, ...] = ()) -> ExampleSet:
+    kind, path = parse_spec(spec)
+    if kind == "prompts" and split != "train":
+        raise ValueError(f"{spec}: prompt/response data has no label set to evaluate; use an ERC kind for dev/test")
+    if kind == "prompts":
+        examples = load_prompt_response_jsonl(path)
+        return ExampleSet("prompts", examples, tuple(sorted({e.label for e in examples})))
+    dialogues = load_dialogues(kind, path, split)
+    for sidecar in _knowledge_for(knowledge, kind):
+        dialogues = attach_knowledge(dialogues, sidecar, kind, split, allow_missing_utterances=kind == "iemocap")
+    labels = dialogue_labels(load_dialogues(kind, path, "train")) if kind == "jsonl" else None
+    examples = build_examples(dialogues, kind, prompt_cfg, labels=labels)
+    if not examples:
+        raise ValueError(f"{spec}: the {split} split has no utterances")
+    return ExampleSet(kind, examples, tuple(labels) if labels else tuple(LABELS[kind]))
+
+
+def prompt_config(context_turns: str) -> PromptConfig:
+    return PromptConfig(context_turns="all" if context_turns == "all" else int(context_turns))
+
+
+def training_sequences(specs: tuple[str, ...], tok: Tokenizer, *, max_len: int, context_turns: str,
+                       knowledge: tuple[str, ...], seed: int) -> list[Sequence]:
+    """Every training example tokenized (prompt truncated oldest-context-first), mixed across datasets."""
+    if not specs:
+        raise ValueError("no training data: pass --train_data KIND=PATH (kinds: meld, emorynlp, iemocap, "
+                         "jsonl, prompts)")
+    sets = [load_example_set(s, "train", prompt_config(context_turns), knowledge) for s in specs]
+    examples = mix_examples([s.examples for s in sets], seed)
+    out = []
+    for ex in examples:
+        ids, labels = encode_example(tok, ex, max_len)
+        if max(ids) >= tok.vocab_size:
+            raise ValueError(f"token id {max(ids)} is outside the tokenizer's vocabulary of {tok.vocab_size}")
+        out.append(Sequence(tuple(ids), tuple(labels)))
+    return out
