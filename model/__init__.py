@@ -1,5 +1,8 @@
 """From-scratch LLaMA 2: config, model, checkpoint loading (Meta and HF layouts), LoRA."""
 from .config import MODEL_PRESETS, ModelConfig, from_hf_config, from_meta_params, preset
+from .checkpoint import CheckpointError, load_pretrained
 from .llama import Transformer
+from .lora import LoRAConfig, apply_lora, export_peft, merge_lora, unmerge_lora
 
-__all__ = ["MODEL_PRESETS", "ModelConfig", "Transformer", "from_hf_config", "from_meta_params", "preset"]
+__all__ = ["MODEL_PRESETS", "CheckpointError", "LoRAConfig", "ModelConfig", "Transformer", "apply_lora", "export_peft",
+           "from_hf_config", "from_meta_params", "load_pretrained", "merge_lora", "preset", "unmerge_lora"]

@@ -96,8 +96,9 @@ def from_hf_config(cfg: dict, source: str = "config.json") -> ModelConfig:
         raise ValueError(f"{source}: missing required key {e.args[0]!r}") from None
     if cfg.get("head_dim") not in (None, dim // n_heads):
         raise ValueError(f"{source}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads; unsupported")
-    if cfg.get("rope_scaling"):
-        raise ValueError(f"{source}: rope_scaling {cfg['rope_scaling']} is not LLaMA 2; unsupported")
+    rope_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    if cfg.get("rope_scaling") or rope_type != "default":
+        raise ValueError(f"{source}: rope scaling ({cfg.get('rope_scaling') or rope_type}) is not LLaMA 2; unsupported")
     if cfg.get("tie_word_embeddings"):
         raise ValueError(f"{source}: tie_word_embeddings=true is not LLaMA 2; unsupported")
     theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0

@@ -1,0 +1,119 @@
+"""Convert a checkpoint (form 2: Meta consolidated.NN.pth, or form 3: HF safetensors) to form 1.
+
+    python -m model.convert SRC DST [--dtype bf16|fp16|fp32] [--max-shard-size 2GB]
+
+DST gets Meta-named safetensors shards (model.safetensors, or model-00001-of-0000N.safetensors ...),
+model.safetensors.index.json {"metadata": {"total_size": bytes}, "weight_map": {key: file}}, a params.json
+that rebuilds the exact ModelConfig (model.config.to_meta_params), and SRC's tokenizer.model if it has one.
+Every later load_pretrained(DST) is then a zero-copy safetensors load.
+
+The source is validated exactly as load_pretrained does before anything is written. Tensors stream one
+shard at a time (at most one shard's tensors live at once); each tensor keeps its source dtype unless
+--dtype is given. Shards are written under a temporary name and renamed, so a crash leaves no truncated shard.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import CheckpointError, check_against_model, open_checkpoint
+from .config import to_meta_params
+from .llama import Transformer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, '1024' -> 1024."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 2GB, 500MB, 1GiB or a byte count")
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return size
+
+
+def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy, in state-dict order: a tensor larger than max_bytes gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, n in sizes.items():
+        if shards[-1] and used + n > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += n
+    return shards
+
+
+def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
+            max_shard_size: int = 2 * 10**9) -> list[Path]:
+    """Write form 1 of the checkpoint at src into dst; returns the shard paths."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: destination is the source directory")
+    if dst.is_dir() and (any(dst.glob("*.safetensors")) or (dst / "params.json").exists()):
+        raise CheckpointError(f"{dst}: already holds a checkpoint (params.json or *.safetensors); pick an empty dir")
+    with open_checkpoint(src) as ckpt:
+        with torch.device("meta"):
+            model = Transformer(ckpt.config)
+        check_against_model(ckpt, model)
+        keys = list(model.state_dict())  # our module order, so a shard holds neighbouring layers
+        out_dtype = {k: dtype or ckpt.specs[k][1] for k in keys}
+        sizes = {k: _numel(ckpt.specs[k][0]) * out_dtype[k].itemsize for k in keys}
+        plan = _plan_shards(sizes, max_shard_size)
+        dst.mkdir(parents=True, exist_ok=True)
+        weight_map, paths = {}, []
+        for i, shard_keys in enumerate(plan):
+            name = "model.safetensors" if len(plan) == 1 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+            # owned reads (no mmap views): the source's pages do not pile up in RSS as shards are written
+            tensors = {k: ckpt.fetch(k, out_dtype[k], zero_copy=False) for k in shard_keys}
+            tmp = dst / (name + ".tmp")
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, dst / name)
+            del tensors  # frees this shard's copies before the next is built
+            weight_map.update(dict.fromkeys(shard_keys, name))
+            paths.append(dst / name)
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (dst / "params.json").write_text(json.dumps(to_meta_params(ckpt.config), indent=2) + "\n")
+    if (src / "tokenizer.model").is_file():
+        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+    return paths
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", type=Path, help="checkpoint directory: Meta consolidated.NN.pth or HF safetensors")
+    p.add_argument("dst", type=Path, help="output directory (created; must not already hold a checkpoint)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the source dtype)")
+    p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="bytes per shard, e.g. 2GB (default)")
+    args = p.parse_args(argv)
+    try:
+        paths = convert(args.src, args.dst, dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(paths)} shard(s), index and params.json to {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
