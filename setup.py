@@ -17,7 +17,7 @@ setup(
     install_requires=[
         "torch>=2.5",
         "sentencepiece>=0.2",
-        "safetensors>=0.8"  # zero-copy mmap views and pread-backed loads were verified on 0.8,
+        "safetensors>=0.8",  # zero-copy mmap views and pread-backed loads were verified on 0.8
         "numpy>=1.24",
         "triton>=3.0",
         "einops>=0.7",
