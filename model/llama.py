@@ -6,7 +6,8 @@
     logits = output(norm(h))                                     (B, T, V)
 
 Rotary embeddings use Meta's interleaved pairs (x[2i], x[2i+1]) with fp32 cos/sin (checkpoints in HF's
-rotate-half order are un-permuted at load time, model/checkpoint.py). Attention is causal SDPA with GQA.
+rotate-half order are un-permuted at load time, model/checkpoint.py). Attention is SDPA with GQA: causal, or under a caller's
+bool mask (packed examples, label-restricted decoding).
 The three pointwise ops come either from the fused Triton kernels or from their pure-torch references
 (`use_kernels`); both compute the same function.
 """
