@@ -162,14 +162,21 @@ def n_lora_params(model_cfg: ModelConfig, cfg: LoRAConfig) -> int:
     return model_cfg.n_layers * sum(cfg.rank * sum(in_out[t]) for t in cfg.targets)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig, verbose: bool = True) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, verbose: bool = True, **fields) -> nn.Module:
     """Swap every bias-free nn.Linear named in cfg.targets for a LoRALinear; freeze all else. Returns model.
+
+    The settings come as a LoRAConfig or as its fields: apply_lora(model, rank=8, alpha=16, dropout=0.05,
+    targets=("wq", "wv")); fields left out take LoRAConfig's defaults.
 
     The base weight tensors are handed over, not copied. Call it on a model whose base weights are real
     (adapters get initialised at once) or on a meta model (then materialise and reset_lora_parameters).
     Prints the trainable count unless verbose=False (e.g. on non-zero ranks). Cast the base to its dtype
     before this call: a later model.to(dtype) would cast the fp32 adapters too.
     """
+    if cfg is None:
+        cfg = LoRAConfig(**fields)
+    elif fields:
+        raise ValueError(f"apply_lora: pass a LoRAConfig or its fields, not both (got {sorted(fields)})")
     if _lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA layers")
     swaps = [(name, m) for name, m in model.named_modules()

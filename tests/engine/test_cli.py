@@ -59,3 +59,15 @@ def test_train_bad_input_fails_fast(tmp_path, demo_tokenizer, capsys, extra, mat
 
 def test_eval_requires_data():
     assert eval_script.main(["--run", "x"]) == 2
+
+
+def test_train_on_prompt_response_jsonl(tmp_path, demo_tokenizer):
+    """A generic {"prompt", "response"} JSONL is a training set by itself."""
+    from pathlib import Path
+    fixture = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "prompt_response.jsonl"
+    out = tmp_path / "run"
+    argv = ["--model", "tiny", "--tokenizer", demo_tokenizer, "--train_data", f"prompts={fixture}",
+            "--out_dir", str(out), "--dtype", "fp32", "--device", "cpu", "--kernels", "off", "--micro_batch", "2",
+            "--grad_accum", "1", "--max_steps", "2"]
+    assert train_script.main(argv) == 0
+    assert (out / "checkpoints" / "step_0000002" / "adapters.safetensors").exists()

@@ -213,3 +213,13 @@ def test_lora_bf16_base_keeps_fp32_adapters():
     out.float().sum().backward()
     assert layer.lora_a.grad.dtype == torch.float32 and layer.lora_b.grad.dtype == torch.float32
     json.dumps(lora_config_of(model).__dict__)  # config stays JSON-serialisable for checkpoints
+
+
+def test_apply_lora_accepts_fields_or_config():
+    from model import Transformer, preset
+    from model.lora import LoRAConfig, apply_lora, lora_config_of
+
+    a = apply_lora(Transformer(preset("tiny")), rank=4, alpha=8, dropout=0.0, targets=("wq", "w2"), verbose=False)
+    assert lora_config_of(a) == LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "w2"))
+    with pytest.raises(ValueError, match="not both"):
+        apply_lora(Transformer(preset("tiny")), LoRAConfig(), rank=4)
