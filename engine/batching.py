@@ -5,14 +5,20 @@ s // steps_per_epoch, whose examples are a slice of that epoch's seeded permutat
 (micro_batch * grad_accum * world_size examples) is cut into contiguous per-rank slices, each split into
 grad_accum micro-batches. Every rank can therefore also count the supervised tokens of the whole global
 batch without communicating, which is what the loss is normalised by.
+
+A micro-batch reaches the model as a `Batch`: right-padded rows from `collate`, or packed rows from
+engine/packing.py (several examples per row, with per-row positions and a block-diagonal causal mask).
+Which examples form the micro-batch does not depend on the layout, so both give the same update.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-IGNORE_INDEX = -100  # label value that cross-entropy skips: prompt and padding positions
+from data import IGNORE_INDEX, pad_batch  # IGNORE_INDEX: -100, the label cross-entropy skips
+
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,24 @@ class BatchPlan:
         return [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Model inputs of one micro-batch. positions/mask are None for right-padded rows (plain causal attention)."""
+    ids: Tensor  # (B, T) token ids
+    labels: Tensor  # (B, T) aligned with ids; -100 where nothing is supervised
+    positions: Tensor | None = None  # (B, T) rotary positions, restarting at 0 for each packed example
+    mask: Tensor | None = None  # (B, T, T) bool, True where query t may attend to key s
+
+    def to(self, device: torch.device) -> "Batch":
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+        return Batch(move(self.ids), move(self.labels), move(self.positions), move(self.mask))
+
+
 def collate(seqs: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest sequence -> input_ids (B, T), labels (B, T) with -100 on pads.
 
     Right padding keeps every real token's causal context free of pads, so no attention mask is needed.
     """
-    T = max(len(s.ids) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s.ids)] = torch.tensor(s.ids)
-        labels[i, :len(s.labels)] = torch.tensor(s.labels)
-    return ids, labels
+    batch = pad_batch([(s.ids, s.labels) for s in seqs], pad_id)
+    return batch["input_ids"], batch["labels"]

@@ -61,7 +61,10 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
                   and (p / "state.pt").exists())
 
 
-def check_resume_config(saved: dict, current: dict, path: Path) -> None:
+def check_resume_config(saved: dict, current: dict, path: Path, defaults: dict | None = None) -> None:
+    """Refuse a resume whose config changed anything but RESUME_MUTABLE. A field the checkpoint predates
+    counts as its default (`defaults`), so adding a config field does not orphan older checkpoints."""
+    saved = {**(defaults or {}), **saved}
     diff = {k: (saved.get(k), v) for k, v in current.items()
             if k not in RESUME_MUTABLE and _norm(saved.get(k)) != _norm(v)}
     if diff:

@@ -34,6 +34,7 @@ class TrainConfig:
     knowledge: tuple[str, ...] = ()  # "dataset=path" sidecar CSV/JSONL of supplementary knowledge
     context_turns: str = "2"  # previous utterances in each prompt: an integer or "all"
     max_len: int = 512
+    packing: bool = False  # pack each micro-batch's examples into rows of <= max_len tokens (no padding waste)
     # optimisation
     micro_batch: int = 8
     grad_accum: int = 16  # global batch = micro_batch * grad_accum * world_size (the paper: 128)

@@ -1,7 +1,8 @@
 """The training loop: one flat function, read top to bottom.
 
-Per optimizer step:  lr from the step -> grad_accum micro-batches, each loss summed over supervised tokens and
-scaled by world_size / (supervised tokens in the whole global batch) -> DDP averages over ranks -> clip at
+Per optimizer step:  lr from the step -> grad_accum micro-batches (right-padded rows, or with --packing several
+examples per row, engine/packing.py), each loss summed over supervised tokens and scaled by
+world_size / (supervised tokens in the whole global batch) -> DDP averages over ranks -> clip at
 grad_clip -> AdamW -> log, evaluate, checkpoint. The data order, the lr and the dropout RNG are functions of
 (seed, step, rank), so a resumed run continues exactly where the interrupted one stopped.
 """
@@ -22,12 +23,13 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .batching import BatchPlan, Sequence, collate
+from .batching import Batch, BatchPlan, Sequence, collate
 from .checkpoint import check_resume_config, list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
 from .config import TrainConfig
 from .log import MetricsLog
 from .loss import SupervisedLoss
 from .optim import lr_at, make_optimizer, set_lr, trainable_parameters
+from .packing import pack
 from .runtime import Runtime, peak_memory_gb, rng_state, set_rng_state
 
 Evaluator = Callable[[nn.Module], dict]  # model -> metrics with at least "weighted_f1"
@@ -81,7 +83,8 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
     checkpoints = list_checkpoints(out)
     if cfg.resume and checkpoints:
         saved_cfg = (checkpoints[-1] / "config.json").read_text()
-        check_resume_config(json.loads(saved_cfg)["train"], asdict(cfg), checkpoints[-1])
+        check_resume_config(json.loads(saved_cfg)["train"], asdict(cfg), checkpoints[-1],
+                            defaults=asdict(TrainConfig()))
         state = load_checkpoint(checkpoints[-1], model=model, opt=opt)
         set_rng_state(state.pop("rng"))
         log.info(f"resumed from {checkpoints[-1]} at step {state['step']}")
@@ -109,10 +112,12 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             micro_batches = plan.micro_batches(step, rt.rank)
             loss_sum = torch.zeros((), device=rt.device)
             for j, idx in enumerate(micro_batches):
-                ids, labels = collate([train_seqs[i] for i in idx], pad_id)  # (b, T) each
+                seqs = [train_seqs[i] for i in idx]
+                batch = pack(seqs, pad_id, cfg.max_len) if cfg.packing else Batch(*collate(seqs, pad_id))
+                batch = batch.to(rt.device)  # ids, labels (b, T); packed: positions (b, T), mask (b, T, T)
                 last = j == len(micro_batches) - 1
                 with nullcontext() if (last or not rt.distributed) else loss_fn.no_sync():
-                    loss = loss_fn(ids.to(rt.device, non_blocking=True), labels.to(rt.device, non_blocking=True))
+                    loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.mask)
                     # DDP averages over ranks, hence x world_size: the update is the mean over all n_sup tokens
                     (loss * (rt.world_size / n_sup)).backward()
                 loss_sum += loss.detach()

@@ -4,6 +4,9 @@ ERC supervises a handful of label tokens per example, so projecting every positi
 (B x T x V fp32 logits) would be almost all waste: the final hidden states are gathered at the supervised
 positions first, then projected, then cast to fp32 for the loss.
 
+Packed rows (engine/packing.py) pass per-row positions and a block-diagonal causal mask through to the model;
+their labels are already -100 wherever a position would predict the next example's first token.
+
 The loss is a SUM; the loop scales it by 1 / (supervised tokens in the whole global batch), so that gradient
 accumulation and data parallelism give the same update as one big batch.
 """
@@ -23,11 +26,15 @@ class SupervisedLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, labels: Tensor, positions: Tensor | None = None) -> Tensor:
-        """input_ids, labels: (B, T) -> summed fp32 CE of predicting labels[:, t+1] from position t."""
-        h = self.model.hidden_states(input_ids, positions)  # (B, T, D)
+    def forward(self, input_ids: Tensor, labels: Tensor, positions: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        """input_ids, labels: (B, T) -> summed fp32 CE of predicting labels[:, t+1] from position t.
+
+        positions (B, T) and mask (B, T, T) bool are optional, as in Transformer.hidden_states.
+        """
+        h = self.model.hidden_states(input_ids, positions, mask)  # (B, T, D)
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        mask = targets != IGNORE_INDEX  # (B, T-1)
-        h_sup = h[:, :-1][mask]  # (N, D): only supervised positions reach the vocabulary projection
+        supervised = targets != IGNORE_INDEX  # (B, T-1)
+        h_sup = h[:, :-1][supervised]  # (N, D): only supervised positions reach the vocabulary projection
         logits = self.model.output(h_sup).float()  # (N, V) fp32 for a stable log-softmax
-        return F.cross_entropy(logits, targets[mask], reduction="sum")
+        return F.cross_entropy(logits, targets[supervised], reduction="sum")

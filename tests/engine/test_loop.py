@@ -76,6 +76,19 @@ def test_refuses_to_overwrite_and_checks_resume_config(tmp_path):
         _run(base_cfg(tmp_path, max_steps=2, lr=2e-2, resume=True), seqs)
 
 
+def test_resume_from_checkpoint_that_predates_a_config_field(tmp_path):
+    seqs = synthetic_sequences(8)
+    _run(base_cfg(tmp_path, max_steps=1), seqs)
+    ckpt = list_checkpoints(tmp_path / "run")[-1]
+    saved = json.loads((ckpt / "config.json").read_text())
+    del saved["train"]["packing"]  # as written before --packing existed; its default is False
+    (ckpt / "config.json").write_text(json.dumps(saved))
+    state, _ = _run(base_cfg(tmp_path, max_steps=1, resume=True), seqs)
+    assert state["step"] == 1
+    with pytest.raises(ValueError, match="packing: checkpoint False vs now True"):
+        _run(base_cfg(tmp_path, max_steps=1, resume=True, packing=True), seqs)
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     def poison(model):  # after step 4's checkpoint is decided, the base weights go bad
         with torch.no_grad():

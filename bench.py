@@ -1,0 +1,480 @@
+"""Training and evaluation throughput: this engine vs transformers + PEFT, one after the other, same device.
+
+    python bench.py --mode erc   [--packing] [--kernels on|off] [--compile] [--out benchmarks/results]
+    python bench.py --mode fixed [--seq-len 512]
+
+Systems (each built, run and freed in turn, on identical batches):
+    ours          model.Transformer + hand-written LoRA (fp32 adapters cast to bf16 in forward), the loss
+                  projected onto the vocabulary at supervised positions only; optional packing (engine/packing.py),
+                  Triton kernels and torch.compile of each block.
+    hf_peft_bf16  transformers LlamaForCausalLM (SDPA) + PEFT LoRA, adapters kept in bf16
+                  (get_peft_model(..., autocast_adapter_dtype=False)); the baseline the ratios use.
+    hf_peft_fp32  the same with PEFT's default fp32 adapters.
+Both sides: bf16 base weights, non-reentrant activation checkpointing per block, LoRA r=8 on q/v (or all seven
+linears), the same dropout, AdamW (fused on CUDA) over the adapters, grad-norm clip 1.0, one micro-batch per step.
+HF gets right-padded rows with an attention_mask and labels, as a transformers data collator produces them.
+
+Model: the LLaMA-2-7B architecture with random N(0, 0.02) weights, built on the meta device and materialised on
+the GPU (or --model DIR, an HF-layout checkpoint both sides load). On CPU: the `tiny` preset in fp32, a harness
+check only, never a performance number.
+Batches: --mode erc takes real ERC training examples (DialogueLLM prompts from MELD via
+engine.data.training_sequences), so the padding waste is what users see; --mode fixed takes random rows of
+--seq-len tokens, every token supervised.
+
+Timing: CUDA-synchronised wall clock per step; the first --warmup steps are excluded and rates are medians over
+the --steps measured steps. Memory: torch.cuda.max_memory_allocated / max_memory_reserved from just after the
+model is built (weights included) to the end of its steps.
+Model FLOPs per example of L tokens with n_sup supervised (frozen weights: forward 2 x params, backward only the
+input gradients, another 2 x params; adapters and norms are ignored, recomputation under checkpointing is not
+counted, as usual for MFU):
+    4 * P_blocks * L  +  4 * dim * vocab * n_sup  +  n_layers * 6 * dim * L * (L + 1)
+the last term being causal attention (QK^T and PV forward, 2 FLOPs per multiply-add over the L(L+1)/2 visible
+pairs, times 3 for forward + backward). MFU divides by the bf16 matmul rate measured here (8192^3 GEMMs).
+Evaluation: utterances/s of label-restricted decoding (engine.decode.predict_labels) vs HF generate with beam
+search (4 beams, max_new_tokens = the longest label + EOS unless --max-new-tokens) followed by string matching,
+on the first --eval-examples dev examples, one warm-up batch untimed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import platform
+import random
+import statistics
+import subprocess
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from data import Tokenizer, encode_prompt, encode_response
+from engine.batching import Batch, Sequence, collate
+from engine.build import build_base_model
+from engine.data import load_example_set, prompt_config, training_sequences
+from engine.decode import predict_labels
+from engine.loss import SupervisedLoss
+from engine.optim import make_optimizer, trainable_parameters
+from engine.packing import pack
+from engine.runtime import setup_runtime
+from model.config import ModelConfig, from_hf_config, preset
+from model.lora import VALID_TARGETS, LoRAConfig, apply_lora
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent / "shared"
+DEMO_MELD = ROOT / "data" / "demo" / "meld_format"
+HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
+            "w3": "up_proj"}
+BASELINE = "hf_peft_bf16"
+RECIPE_EXAMPLES, RECIPE_EPOCHS = 22_700, 5  # DialogueLLM: MELD + IEMOCAP + EmoryNLP train sets, 5 epochs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=("erc", "fixed"), default="erc")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--model", default="", help="preset or HF-layout checkpoint dir (default: llama-2-7b on CUDA, "
+                   "tiny on CPU)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="", help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--meld", default=str(SHARED / "data" / "meld") if (SHARED / "data" / "meld").is_dir()
+                   else str(DEMO_MELD))
+    p.add_argument("--tokenizer", default=str(SHARED / "tokenizer" / "llama2" / "tokenizer.model"))
+    p.add_argument("--context-turns", default="2")
+    p.add_argument("--max-len", type=int, default=512, help="ERC truncation length and packed row capacity")
+    p.add_argument("--seq-len", type=int, default=512, help="row length in --mode fixed")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="measured steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", choices=("qv", "all"), default="qv")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--checkpointing", choices=("on", "off"), default="on", help="activation checkpointing, both")
+    p.add_argument("--packing", action="store_true", help="ours: pack each micro-batch into rows of <= max-len")
+    p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto", help="ours: Triton kernels")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer block")
+    p.add_argument("--systems", default=f"ours,{BASELINE},hf_peft_fp32", help="comma-separated subset to run")
+    p.add_argument("--eval-examples", type=int, default=64, help="dev utterances for eval throughput (erc; 0: skip)")
+    p.add_argument("--eval-batch", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="HF generate's limit (0: the longest label + EOS, the least work generation can do)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    args.model = args.model or ("llama-2-7b" if args.device == "cuda" else "tiny")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    if args.device == "cpu" and args.model.startswith("llama-2"):
+        p.error(f"--model {args.model} on CPU: the full-size architectures run on a GPU only; use --model tiny")
+    args.systems = tuple(s for s in args.systems.split(",") if s)
+    unknown = set(args.systems) - {"ours", BASELINE, "hf_peft_fp32"}
+    if unknown or not args.systems:
+        p.error(f"--systems: unknown {sorted(unknown)}")
+    return args
+
+
+# ---------------------------------------------------------------- device, batches, FLOPs
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul rate (TFLOP/s): best of several n^3 GEMMs (n = 8192 on CUDA, 512 on CPU)."""
+    n = 8192 if device.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    times = []
+    for i in range(13):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 3:  # the first calls pick kernels and warm clocks
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times) / 1e12
+
+
+def erc_sequences(args, tok: Tokenizer) -> list[Sequence]:
+    seqs = training_sequences((f"meld={args.meld}",), tok, max_len=args.max_len, context_turns=args.context_turns,
+                              knowledge=(), seed=args.seed)
+    random.Random(args.seed).shuffle(seqs)
+    return seqs
+
+
+def fixed_sequences(n: int, length: int, vocab: int, seed: int) -> list[Sequence]:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(3, vocab, (n, length), generator=g).tolist()
+    return [Sequence(tuple(r), tuple(r)) for r in rows]  # every token supervised, like plain LM fine-tuning
+
+
+def model_flops(seqs: list[Sequence], mcfg) -> float:
+    """Model FLOPs of one training step on `seqs` (module docstring)."""
+    kv = mcfg.n_kv_heads * mcfg.head_dim
+    p_blocks = mcfg.n_layers * (mcfg.dim * (2 * mcfg.dim + 2 * kv) + 3 * mcfg.dim * mcfg.hidden_dim)
+    total = 0.0
+    for s in seqs:
+        L = len(s.ids)
+        total += 4 * p_blocks * L + 4 * mcfg.dim * mcfg.vocab_size * s.n_supervised
+        total += mcfg.n_layers * 6 * mcfg.n_heads * mcfg.head_dim * L * (L + 1)
+    return total
+
+
+# ---------------------------------------------------------------- the systems
+
+def lora_targets(args) -> tuple[str, ...]:
+    return ("wq", "wv") if args.lora_targets == "qv" else VALID_TARGETS
+
+
+def build_ours(args, rt, vocab_size: int | None):
+    net, mcfg = build_base_model(args.model, rt, vocab_size=vocab_size, seed=args.seed,
+                                 checkpointing=args.checkpointing == "on")
+    torch.manual_seed(args.seed)
+    apply_lora(net, LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets(args)),
+               verbose=False)
+    if args.compile:
+        for layer in net.layers:
+            layer.compile()  # in place: parameter names and checkpointing stay as they are
+    return net, mcfg
+
+
+def ours_step(net, args, rt, pad_id: int):
+    loss_fn = SupervisedLoss(net)
+    params = trainable_parameters(net)
+    opt = make_optimizer(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def step(seqs: list[Sequence]) -> torch.Tensor:
+        batch = pack(seqs, pad_id, args.max_len) if args.packing else Batch(*collate(seqs, pad_id))
+        batch = batch.to(rt.device)
+        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.mask) / sum(s.n_supervised for s in seqs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def build_hf(args, mcfg, rt, fp32_adapters: bool):
+    """LlamaForCausalLM (SDPA, checkpointing) + PEFT LoRA with the same config as ours."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if Path(args.model).is_dir():
+        hf = LlamaForCausalLM.from_pretrained(args.model, dtype=rt.dtype, attn_implementation="sdpa").to(rt.device)
+    else:
+        hc = LlamaConfig(hidden_size=mcfg.dim, intermediate_size=mcfg.hidden_dim, num_hidden_layers=mcfg.n_layers,
+                         num_attention_heads=mcfg.n_heads, num_key_value_heads=mcfg.n_kv_heads,
+                         vocab_size=mcfg.vocab_size, rms_norm_eps=mcfg.norm_eps, rope_theta=mcfg.rope_theta,
+                         max_position_embeddings=max(mcfg.max_seq_len, args.max_len, args.seq_len),
+                         tie_word_embeddings=False, attn_implementation="sdpa")
+        torch.manual_seed(args.seed)
+        with torch.device(rt.device):  # built where it runs, directly in its dtype: never a 7B model on CPU
+            hf = LlamaForCausalLM._from_config(hc, dtype=rt.dtype)
+    hf.config.use_cache = False
+    if args.checkpointing == "on" and hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif args.checkpointing == "on":
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lc = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                    target_modules=[HF_NAMES[t] for t in lora_targets(args)], task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # PEFT 0.21 calls transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(hf, lc, autocast_adapter_dtype=fp32_adapters)
+
+
+def hf_step(pm, args, rt, pad_id: int):
+    params = trainable_parameters(pm)
+    opt = make_optimizer(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def step(seqs: list[Sequence]) -> torch.Tensor:
+        ids, labels = collate(seqs, pad_id)  # (b, T) right-padded
+        lengths = torch.tensor([len(s.ids) for s in seqs])
+        attn = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # (b, T)
+        out = pm(input_ids=ids.to(rt.device), attention_mask=attn.to(rt.device), labels=labels.to(rt.device))
+        out.loss.backward()  # mean over the batch's supervised tokens, the same normalisation as ours
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+    return step
+
+
+# ---------------------------------------------------------------- measurement
+
+def time_training(step, batches: list[list[Sequence]], warmup: int, mcfg, device, peak_tflops: float) -> dict:
+    """Run every batch through `step`; per-step rates over the measured (post-warm-up) steps."""
+    times, losses = [], []
+    for seqs in batches:
+        _sync(device)
+        t0 = time.perf_counter()
+        losses.append(step(seqs))
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    measured = list(zip(times[warmup:], batches[warmup:]))
+    tok = [sum(len(s.ids) for s in b) / t for t, b in measured]
+    sup = [sum(s.n_supervised for s in b) / t for t, b in measured]
+    mfu = [model_flops(b, mcfg) / t / (peak_tflops * 1e12) for t, b in measured]
+    out = {"step_s": statistics.median(t for t, _ in measured), "tokens_per_s": statistics.median(tok),
+           "supervised_tokens_per_s": statistics.median(sup), "mfu": statistics.median(mfu),
+           "tokens_per_s_aggregate": sum(sum(len(s.ids) for s in b) for _, b in measured) / sum(t for t, _ in measured),
+           "step_s_all": times, "loss_first": float(losses[0]), "loss_last": float(losses[-1])}
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+    else:  # no per-system peak on CPU (ru_maxrss only grows): left empty rather than misleading
+        out["peak_memory_gb"] = out["peak_reserved_gb"] = None
+    return out
+
+
+def _memory_start(device) -> float | None:
+    """Free what the previous system left, start the peak counters; returns GB resident now (the weights)."""
+    if device.type != "cuda":
+        return None
+    gc.collect()  # the previous system's model and optimizer, held in reference cycles
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**30
+
+
+def match_label(text: str, words: tuple[str, ...]) -> int:
+    """Index of the label word generated text names first (the longer word on a tie: sadness over sad), or -1."""
+    t = text.strip().lower()
+    hits = [(t.find(w.lower()), -len(w), i) for i, w in enumerate(words) if w.lower() in t]
+    return min(hits)[2] if hits else -1
+
+
+def eval_data(args, tok: Tokenizer):
+    eset = load_example_set(f"meld={args.meld}", "dev", prompt_config(args.context_turns))
+    examples = eset.examples[:args.eval_examples]
+    words = examples[0].choices
+    candidates = [encode_response(tok, w) for w in words]
+    reserve = max(len(c) for c in candidates)
+    prompts = [encode_prompt(tok, ex, args.max_len, n_reserved=reserve) for ex in examples]
+    return prompts, candidates, words, list(eset.labels)
+
+
+@torch.no_grad()
+def time_ours_eval(net, prompts, candidates, labels, args, pad_id: int, device) -> float:
+    net.eval()
+    predict_labels(net, prompts[:args.eval_batch], candidates, labels, pad_id=pad_id, batch_size=args.eval_batch)
+    _sync(device)
+    t0 = time.perf_counter()
+    predict_labels(net, prompts, candidates, labels, pad_id=pad_id, batch_size=args.eval_batch)
+    _sync(device)
+    return len(prompts) / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def time_hf_eval(pm, prompts, candidates, words, args, tok: Tokenizer, device) -> tuple[float, float]:
+    """-> (utterances/s, fraction of generations that named a label)."""
+    pm.eval()
+    max_new = args.max_new_tokens or max(len(c) for c in candidates)
+
+    def generate(chunk: list[list[int]]) -> list[str]:
+        T = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(chunk), T), dtype=torch.long)
+        for i, p in enumerate(chunk):  # left padding, as decoder-only generation needs
+            ids[i, T - len(p):], attn[i, T - len(p):] = torch.tensor(p), 1
+        out = pm.generate(input_ids=ids.to(device), attention_mask=attn.to(device), num_beams=4, do_sample=False,
+                          max_new_tokens=max_new, early_stopping=True, use_cache=True, pad_token_id=tok.pad_id,
+                          eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+        return [tok.decode(row[T:].tolist()) for row in out]
+
+    generate(prompts[:args.eval_batch])
+    _sync(device)
+    t0 = time.perf_counter()
+    matched = 0
+    for start in range(0, len(prompts), args.eval_batch):
+        matched += sum(match_label(t, words) >= 0 for t in generate(prompts[start:start + args.eval_batch]))
+    _sync(device)
+    return len(prompts) / (time.perf_counter() - t0), matched / len(prompts)
+
+
+# ---------------------------------------------------------------- report
+
+def _git(*cmd: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10, cwd=ROOT)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# bench.py: {report['mode']} mode on {report['device']}", "",
+             f"{report['date']} · commit {report['commit']}{' (dirty)' if report['dirty'] else ''} · "
+             f"torch {report['torch']} · model {c['model']} {c['dtype']} · micro-batch {c['micro_batch']} · "
+             f"LoRA r={c['lora_rank']} on {','.join(c['lora_targets'])} · checkpointing {c['checkpointing']} · "
+             f"ours: packing {c['packing']}, kernels {c['kernels']}, compile {c['compile']} · "
+             f"matmul {report['matmul_tflops']:.3g} TFLOP/s", ""]
+    if report["device_type"] == "cpu":
+        lines += ["**CPU smoke run of the harness (tiny config): not a performance measurement.**", ""]
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    lines += ["| system | step (ms) | tokens/s | supervised tokens/s | MFU | peak alloc (GB) | peak reserved (GB) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in report["systems"].items():
+        lines.append(f"| {name} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['supervised_tokens_per_s']:.1f} | {100 * r['mfu']:.1f}% | {fmt(r['peak_memory_gb'], '.2f')} "
+                     f"| {fmt(r['peak_reserved_gb'], '.2f')} |")
+    lines.append("")
+    for name, r in report["ratios"].items():
+        lines.append(f"ours vs {name}: speedup {fmt(r['speedup'], '.2f')}x (tokens/s), memory ratio "
+                     f"{fmt(r['memory_ratio'], '.2f')} (peak allocated)")
+    if report["recipe_minutes"]:
+        lines.append("DialogueLLM recipe estimate (22,700 examples x 5 epochs at the measured tokens/s): " + ", ".join(
+            f"{k} {v:.1f} min" for k, v in report["recipe_minutes"].items()))
+    if report["eval"]:
+        e = report["eval"]
+        lines += ["", "| eval | utterances/s |", "|---|---:|",
+                  f"| ours, label-restricted | {fmt(e.get('ours_utt_per_s'), '.2f')} |",
+                  f"| HF generate, 4 beams + string match | {fmt(e.get('hf_utt_per_s'), '.2f')} |",
+                  "", f"eval speedup: {fmt(e.get('speedup'), '.1f')} · HF outputs naming a label: "
+                  f"{fmt(e.get('hf_matched_fraction'), '.2f')} (random weights name none)"]
+    return "\n".join(lines) + "\n"
+
+
+def model_config(args, vocab_size: int | None) -> ModelConfig:
+    """The architecture both systems build: a preset (vocabulary from the tokenizer) or the checkpoint's."""
+    if Path(args.model).is_dir():
+        path = Path(args.model) / "config.json"
+        if not path.is_file():
+            raise SystemExit(f"--model {args.model}: the HF baseline needs an HF-layout checkpoint (config.json); "
+                             "convert a Meta checkpoint with `python -m model.convert`")
+        return from_hf_config(json.loads(path.read_text()), source=str(path))
+    cfg = preset(args.model)
+    return replace(cfg, vocab_size=vocab_size) if vocab_size else cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rt = setup_runtime(args.device, args.dtype, args.kernels)
+    device = rt.device
+    tok = Tokenizer(args.tokenizer) if args.mode == "erc" else None
+    pad_id = tok.pad_id if tok else 0
+    mcfg = model_config(args, tok.vocab_size if tok else None)
+    n_seqs = (args.warmup + args.steps) * args.micro_batch
+    seqs = (erc_sequences(args, tok) if args.mode == "erc"
+            else fixed_sequences(n_seqs, args.seq_len, mcfg.vocab_size, args.seed))
+    batches = [[seqs[(i * args.micro_batch + j) % len(seqs)] for j in range(args.micro_batch)]
+               for i in range(args.warmup + args.steps)]  # the same batches, in the same order, for every system
+    peak_tflops = matmul_tflops(device, rt.dtype)
+    systems, evals = {}, {}
+    for name in ("ours", BASELINE, "hf_peft_fp32"):
+        if name not in args.systems:
+            continue
+        _memory_start(device)
+        if name == "ours":
+            net, _ = build_ours(args, rt, tok.vocab_size if tok else None)
+            step = ours_step(net, args, rt, pad_id)
+        else:
+            net = build_hf(args, mcfg, rt, fp32_adapters=name == "hf_peft_fp32")
+            step = hf_step(net, args, rt, pad_id)
+        resident_gb = _memory_start(device)
+        net.train()
+        systems[name] = {**time_training(step, batches, args.warmup, mcfg, device, peak_tflops),
+                         "resident_gb_at_start": resident_gb}
+        print(f"{name}: {systems[name]['tokens_per_s']:.0f} tokens/s, step {1e3 * systems[name]['step_s']:.1f} ms",
+              flush=True)
+        if args.mode == "erc" and args.eval_examples and name in ("ours", BASELINE):
+            prompts, candidates, words, labels = eval_data(args, tok)
+            evals["n_examples"] = len(prompts)
+            if name == "ours":
+                evals["ours_utt_per_s"] = time_ours_eval(net, prompts, candidates, labels, args, pad_id, device)
+            else:
+                evals["hf_utt_per_s"], evals["hf_matched_fraction"] = time_hf_eval(
+                    net, prompts, candidates, words, args, tok, device)
+        del net, step
+    _memory_start(device)
+    if evals:
+        evals["speedup"] = _ratio(evals.get("ours_utt_per_s"), evals.get("hf_utt_per_s"))
+
+    ours = systems.get("ours", {})
+    ratios = {n: {"speedup": _ratio(ours.get("tokens_per_s"), r["tokens_per_s"]),
+                  "memory_ratio": _ratio(ours.get("peak_memory_gb"), r["peak_memory_gb"])}
+              for n, r in systems.items() if n != "ours"}
+    all_seqs = [s for b in batches for s in b]
+    mean_len = sum(len(s.ids) for s in all_seqs) / len(all_seqs)
+    recipe = ({n: RECIPE_EXAMPLES * RECIPE_EPOCHS * mean_len / r["tokens_per_s_aggregate"] / 60
+               for n, r in systems.items()} if args.mode == "erc" else {})
+    padded = sum(max(len(s.ids) for s in b) * len(b) for b in batches)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                                     platform.machine()),
+        "device_type": device.type, "mode": args.mode, "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+        "config": {**{k: v for k, v in vars(args).items() if k != "systems"}, "systems": list(args.systems),
+                   "lora_targets": list(lora_targets(args)), "model_config": asdict(mcfg)},
+        "matmul_tflops": peak_tflops,
+        "batches": {"n_steps": len(batches), "mean_tokens_per_example": mean_len,
+                    "mean_supervised_per_example": sum(s.n_supervised for s in all_seqs) / len(all_seqs),
+                    "padding_fraction_right_padded": 1 - len(all_seqs) * mean_len / padded},
+        "systems": systems, "baseline": BASELINE,
+        "speedup": ratios.get(BASELINE, {}).get("speedup"),
+        "memory_ratio": ratios.get(BASELINE, {}).get("memory_ratio"),
+        "ratios": ratios, "recipe_minutes": recipe, "eval": evals or None,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(ch if ch.isalnum() else "-" for ch in report["device"]).strip("-").lower()[:40] or device.type
+    stem = f"bench-{args.mode}-{slug}-{report['date'][:19].replace(':', '')}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / f"{stem}.md").write_text(table)
+    print(table + f"wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

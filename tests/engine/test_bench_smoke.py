@@ -1,0 +1,49 @@
+"""bench.py end to end on CPU with the tiny model: every system trains, eval throughput runs, the report is written.
+A harness check only: CPU numbers of a tiny model say nothing about GPU throughput."""
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import bench  # noqa: E402
+from data import MELD_LABELS, load_dialogues, train_tokenizer  # noqa: E402
+from engine.demo import DEMO_DATA  # noqa: E402
+
+TINY = ["--device", "cpu", "--model", "tiny", "--dtype", "fp32", "--kernels", "off", "--micro-batch", "2",
+        "--steps", "2", "--warmup", "1"]
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers 5 deprecations inside PEFT
+
+
+def _report(out) -> dict:
+    (path,) = out.glob("bench-*.json")
+    assert path.with_suffix(".md").is_file()
+    return json.loads(path.read_text())
+
+
+def test_bench_erc_and_fixed_modes_write_reports(tmp_path):
+    texts = [u.text for d in load_dialogues("meld", DEMO_DATA, "train") for u in d.utterances]
+    tok = tmp_path / "tokenizer.model"  # a small vocabulary keeps the tiny model's steps fast
+    train_tokenizer(texts + list(MELD_LABELS) + ["Identify the emotion of the target utterance"], 400, tok)
+
+    assert bench.main([*TINY, "--mode", "erc", "--meld", str(DEMO_DATA), "--tokenizer", str(tok), "--packing",
+                       "--max-len", "256", "--eval-examples", "4", "--eval-batch", "2",
+                       "--systems", "ours,hf_peft_bf16", "--out", str(tmp_path / "erc")]) == 0
+    r = _report(tmp_path / "erc")
+    assert r["mode"] == "erc" and r["device"] and r["device_type"] == "cpu" and "commit" in r
+    assert set(r["systems"]) == {"ours", "hf_peft_bf16"}
+    for s in r["systems"].values():
+        assert s["tokens_per_s"] > 0 and s["supervised_tokens_per_s"] > 0 and 0 < s["mfu"]
+        assert "peak_memory_gb" in s and len(s["step_s_all"]) == 3
+    assert r["speedup"] > 0 and "memory_ratio" in r  # memory: None on CPU (no per-system peak there)
+    assert r["config"]["packing"] is True and r["config"]["model_config"]["vocab_size"] == 400
+    assert r["eval"]["ours_utt_per_s"] > 0 and r["eval"]["hf_utt_per_s"] > 0 and r["eval"]["n_examples"] == 4
+    assert r["recipe_minutes"]["ours"] > 0
+
+    assert bench.main([*TINY, "--mode", "fixed", "--seq-len", "16", "--systems", "ours,hf_peft_fp32",
+                       "--out", str(tmp_path / "fixed")]) == 0
+    r = _report(tmp_path / "fixed")
+    assert r["mode"] == "fixed" and set(r["systems"]) == {"ours", "hf_peft_fp32"} and r["eval"] is None
+    assert r["ratios"]["hf_peft_fp32"]["speedup"] > 0 and r["speedup"] is None  # the bf16 baseline did not run
+    assert r["batches"]["mean_supervised_per_example"] == 15
