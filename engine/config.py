@@ -95,6 +95,8 @@ class EvalConfig:
     knowledge: tuple[str, ...] = ()  # default: the run's
     context_turns: str = ""  # default: the run's (2 without a run)
     max_len: int = 0  # default: the run's (512 without a run)
+    n_shots: int = 0  # few-shot demonstrations drawn from the train split (0: zero-shot / as fine-tuned)
+    shot_seed: int = 0  # which demonstrations are drawn
     out_dir: str = ""  # default: <run>/eval_<split>_<kind>
     batch_size: int = 8
     max_examples: int = 0  # 0: the whole split
@@ -112,8 +114,8 @@ class EvalConfig:
         for spec in self.data:
             if "=" not in spec or spec.split("=", 1)[0] not in DATA_KINDS[:4]:
                 raise ValueError(f"data spec {spec!r} must be KIND=PATH with KIND in {', '.join(DATA_KINDS[:4])}")
-        if self.batch_size <= 0 or self.max_examples < 0 or self.max_len < 0:
-            raise ValueError("--batch_size must be positive, --max_examples and --max_len >= 0")
+        if self.batch_size <= 0 or self.max_examples < 0 or self.max_len < 0 or self.n_shots < 0:
+            raise ValueError("--batch_size must be positive, --max_examples, --max_len and --n_shots >= 0")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -42,15 +42,18 @@ def load_example_set(spec: str, split: str, prompt_cfg: PromptConfig,
     dialogues = load_dialogues(kind, path, split)
     for sidecar in _knowledge_for(knowledge, kind):
         dialogues = attach_knowledge(dialogues, sidecar, kind, split, allow_missing_utterances=kind == "iemocap")
-    labels = dialogue_labels(load_dialogues(kind, path, "train")) if kind == "jsonl" else None
-    examples = build_examples(dialogues, kind, prompt_cfg, labels=labels)
+    train = load_dialogues(kind, path, "train") if (kind == "jsonl" or prompt_cfg.n_shots) else None
+    labels = dialogue_labels(train) if kind == "jsonl" else None
+    # few-shot demonstrations are always drawn from the train split, with PromptConfig's seed
+    examples = build_examples(dialogues, kind, prompt_cfg, labels=labels, demo_pool=train)
     if not examples:
         raise ValueError(f"{spec}: the {split} split has no utterances")
     return ExampleSet(kind, examples, tuple(labels) if labels else tuple(LABELS[kind]))
 
 
-def prompt_config(context_turns: str) -> PromptConfig:
-    return PromptConfig(context_turns="all" if context_turns == "all" else int(context_turns))
+def prompt_config(context_turns: str, n_shots: int = 0, seed: int = 0) -> PromptConfig:
+    return PromptConfig(context_turns="all" if context_turns == "all" else int(context_turns), n_shots=n_shots,
+                        seed=seed)
 
 
 def training_sequences(specs: tuple[str, ...], tok: Tokenizer, *, max_len: int, context_turns: str,

@@ -37,8 +37,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.kernels)
     try:
         tok = Tokenizer(resolve_tokenizer_path(train_cfg))
-        sets = [load_example_set(s, cfg.split, prompt_config(train_cfg.context_turns), train_cfg.knowledge)
-                for s in cfg.data]
+        pcfg = prompt_config(train_cfg.context_turns, cfg.n_shots, cfg.shot_seed)
+        sets = [load_example_set(s, cfg.split, pcfg, train_cfg.knowledge) for s in cfg.data]
         model, _ = build_base_model(train_cfg.model, rt, vocab_size=tok.vocab_size, seed=train_cfg.seed)
         if adapters is not None:
             apply_lora(model, lora_config(train_cfg), verbose=False)

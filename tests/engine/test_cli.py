@@ -71,3 +71,20 @@ def test_train_on_prompt_response_jsonl(tmp_path, demo_tokenizer):
             "--grad_accum", "1", "--max_steps", "2"]
     assert train_script.main(argv) == 0
     assert (out / "checkpoints" / "step_0000002" / "adapters.safetensors").exists()
+
+
+def test_eval_few_shot_base_model(tmp_path, demo_tokenizer):
+    """No --run: the base model alone, zero- or few-shot (demonstrations drawn from train)."""
+    ev = tmp_path / "eval"
+    assert eval_script.main(["--model", "tiny", "--tokenizer", demo_tokenizer, "--data", MELD, "--split", "dev",
+                             "--n_shots", "2", "--out_dir", str(ev), "--dtype", "fp32", "--device", "cpu",
+                             "--kernels", "off", "--max_examples", "4"]) == 0
+    assert json.loads((ev / "report.json").read_text())["n"] == 4
+
+
+def test_few_shot_prompts_carry_train_demonstrations():
+    from engine.data import load_example_set, prompt_config
+    zero = load_example_set(MELD, "dev", prompt_config("2"))
+    few = load_example_set(MELD, "dev", prompt_config("2", n_shots=3, seed=1))
+    assert "### Examples:" in few.examples[0].prompt and "### Examples:" not in zero.examples[0].prompt
+    assert len(few.examples[0].parts.demonstrations) == 3
