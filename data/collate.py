@@ -87,7 +87,11 @@ def encode_example(tok: Tokenizer, example: Example | tuple[str | PromptParts, s
     `example` is an Example or a (prompt or PromptParts, response) pair."""
     prompt, response = (example, example.response) if isinstance(example, Example) else example
     response_ids = encode_response(tok, response)
-    prompt_ids = encode_prompt(tok, prompt, max_len, n_reserved=len(response_ids))
+    # Reserve room for the longest label word, as decoding does (engine/evaluate.py), so a prompt near
+    # max_len is truncated the same way in training and in evaluation whatever its own label.
+    choices = example.choices if isinstance(example, Example) else ()
+    reserve = max([len(response_ids)] + [len(encode_response(tok, w)) for w in choices])
+    prompt_ids = encode_prompt(tok, prompt, max_len, n_reserved=reserve)
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 

@@ -100,15 +100,15 @@ class EvalConfig:
     out_dir: str = ""  # default: <run>/eval_<split>_<kind>
     batch_size: int = 8
     max_examples: int = 0  # 0: the whole split
-    dtype: str = "bf16"
+    dtype: str = ""  # default: the run's (bf16 without a run)
     device: str = "auto"
-    kernels: str = "auto"
+    kernels: str = ""  # default: the run's (auto without a run)
 
     def __post_init__(self) -> None:
         _check_choice("split", self.split, ("train", "dev", "test"))
-        _check_choice("dtype", self.dtype, ("bf16", "fp32"))
+        _check_choice("dtype", self.dtype, ("", "bf16", "fp32"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        _check_choice("kernels", self.kernels, ("auto", "on", "off"))
+        _check_choice("kernels", self.kernels, ("", "auto", "on", "off"))
         if not self.data:
             raise ValueError("--data KIND=PATH is required")
         for spec in self.data:

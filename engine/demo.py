@@ -60,6 +60,40 @@ def pretrain(texts: list[str], tok, cfg: ModelConfig, *, steps: int, batch: int,
     return model
 
 
+def tokenizer_corpus(dialogues) -> list[str]:
+    """Transcripts, plus the prompt template and label words (as LLaMA's tokenizer covers English)."""
+    prompts = [e.prompt + " " + e.response for e in build_examples(dialogues[:20], "meld", PromptConfig())]
+    return transcripts(dialogues) + prompts + list(MELD_LABELS)
+
+
+def save_base(model: Transformer, out: Path) -> None:
+    """Meta's safetensors layout (form 1 of model.checkpoint): params.json + model.safetensors."""
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "params.json").write_text(json.dumps(to_meta_params(model.config), indent=2))
+
+
+def build_base(dialogues, out: Path, *, vocab_size: int, dim: int, n_layers: int, n_heads: int, hidden_dim: int,
+               steps: int, batch: int = 16, seq: int = 128, lr: float = 3e-3, seed: int = 0) -> dict:
+    """Tokenizer + tiny LLaMA pre-trained on the dialogues' transcripts, saved to `out`; returns timings/sizes."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tok = train_tokenizer(tokenizer_corpus(dialogues), vocab_size, out / "tokenizer.model")
+    t_tok = time.perf_counter() - t0
+    cfg = ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads, hidden_dim=hidden_dim,
+                      vocab_size=tok.vocab_size, max_seq_len=512)
+    texts = transcripts(dialogues)
+    n_tokens = sum(len(tok.encode(t, bos=True, eos=True)) for t in texts)
+    print(f"tokenizer: {tok.vocab_size} pieces; corpus {n_tokens:,} tokens; model {cfg.n_params:,} parameters; "
+          f"pre-training {steps} steps", flush=True)
+    t0 = time.perf_counter()
+    model = pretrain(texts, tok, cfg, steps=steps, batch=batch, seq=seq, lr=lr, seed=seed)
+    t_pre = time.perf_counter() - t0
+    save_base(model, out)
+    print(f"wrote {out}/params.json, model.safetensors, tokenizer.model", flush=True)
+    return {"tokenizer_s": t_tok, "pretrain_s": t_pre, "vocab_size": tok.vocab_size, "n_params": cfg.n_params,
+            "corpus_tokens": n_tokens, "model": to_meta_params(cfg)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/demo/base"))
@@ -71,18 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("DEMO: a tiny LLaMA trained from scratch on synthetic dialogues, to exercise the real pipeline on CPU; "
           "its scores say nothing about LLaMA-2-7B.", flush=True)
-    dialogues = load_dialogues("meld", args.data, "train")
-    texts = transcripts(dialogues)
-    # the tokenizer also sees the prompt template and label words, as LLaMA's tokenizer covers English
-    prompts = [e.prompt + " " + e.response for e in build_examples(dialogues[:20], "meld", PromptConfig())]
-    args.out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(texts + prompts + list(MELD_LABELS), args.vocab_size, args.out / "tokenizer.model")
-    cfg = ModelConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=4, hidden_dim=352, vocab_size=tok.vocab_size,
-                      max_seq_len=512)
-    model = pretrain(texts, tok, cfg, steps=args.steps, batch=16, seq=128, lr=3e-3, seed=args.seed)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"))
-    (args.out / "params.json").write_text(json.dumps(to_meta_params(cfg), indent=2))
-    print(f"wrote {args.out}/params.json, model.safetensors, tokenizer.model ({cfg.n_params:,} parameters)")
+    build_base(load_dialogues("meld", args.data, "train"), args.out, vocab_size=args.vocab_size, dim=128,
+               n_layers=4, n_heads=4, hidden_dim=352, steps=args.steps, seed=args.seed)
     return 0
 
 

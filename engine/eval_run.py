@@ -34,7 +34,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
                         knowledge=cfg.knowledge or train_cfg.knowledge,
                         context_turns=cfg.context_turns or train_cfg.context_turns,
                         max_len=cfg.max_len or train_cfg.max_len)
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.kernels)
+    # dtype and kernels follow the run unless given: an fp32 run is evaluated in fp32
+    rt = setup_runtime(cfg.device, cfg.dtype or train_cfg.dtype, cfg.kernels or train_cfg.kernels)
     try:
         tok = Tokenizer(resolve_tokenizer_path(train_cfg))
         pcfg = prompt_config(train_cfg.context_turns, cfg.n_shots, cfg.shot_seed)
@@ -54,7 +55,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
                   f"utterances, adapters: {adapters or 'none (base model)'}", flush=True)
             preds, probs = predict_set(model, tok, eset, max_len=train_cfg.max_len, batch_size=cfg.batch_size,
                                        max_examples=cfg.max_examples, progress=True)
-            rep = write_eval_outputs(out, eset, preds, probs, title=f"{kind} {cfg.split}")
+            rep = write_eval_outputs(out, eset, preds, probs, title=f"{kind} {cfg.split}",
+                                     max_examples=cfg.max_examples)
             print((out / "report.txt").read_text(), flush=True)
             print(f"wrote {out}/predictions.csv, report.json, report.txt, confusion.png", flush=True)
             reports.append(rep)

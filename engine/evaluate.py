@@ -29,11 +29,19 @@ def _progress(done: int, total: int, t0: float, enabled: bool) -> None:
     sys.stderr.flush()
 
 
+def subset(examples: list, max_examples: int) -> list:
+    """At most max_examples, evenly spaced over the split (not its first dialogues), deterministically."""
+    if not max_examples or max_examples >= len(examples):
+        return examples
+    step = len(examples) / max_examples
+    return [examples[int(i * step)] for i in range(max_examples)]
+
+
 @torch.no_grad()
 def predict_set(model: nn.Module, tok: Tokenizer, eset: ExampleSet, *, max_len: int, batch_size: int = 8,
                 max_examples: int = 0, progress: bool = False) -> tuple[list[str], torch.Tensor]:
     """Predicted canonical label per example, and probabilities over eset.labels (N, C)."""
-    examples = eset.examples[:max_examples] if max_examples else eset.examples
+    examples = subset(eset.examples, max_examples)
     words = examples[0].choices
     candidates = [encode_response(tok, w) for w in words]  # label word + EOS, exactly as trained
     reserve = max(len(c) for c in candidates)
@@ -55,7 +63,7 @@ def evaluate_sets(model: nn.Module, tok: Tokenizer, sets: list[ExampleSet], *, m
     out: dict = {}
     for eset in sets:
         preds, _ = predict_set(model, tok, eset, max_len=max_len, batch_size=batch_size, max_examples=max_examples)
-        gold = [ex.label for ex in eset.examples[:len(preds)]]
+        gold = [ex.label for ex in subset(eset.examples, max_examples)]
         rep = classification_report(gold, preds, list(eset.labels))
         out[f"{eset.dataset}_accuracy"] = rep["accuracy"]
         out[f"{eset.dataset}_weighted_f1"] = rep["weighted_f1"]
@@ -63,10 +71,11 @@ def evaluate_sets(model: nn.Module, tok: Tokenizer, sets: list[ExampleSet], *, m
     return out
 
 
-def write_eval_outputs(out_dir: Path, eset: ExampleSet, preds: list[str], probs: torch.Tensor, title: str) -> dict:
+def write_eval_outputs(out_dir: Path, eset: ExampleSet, preds: list[str], probs: torch.Tensor, title: str,
+                       max_examples: int = 0) -> dict:
     """predictions.csv, report.json, report.txt (metrics + confusion matrix), confusion.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    examples = eset.examples[:len(preds)]
+    examples = subset(eset.examples, max_examples)
     gold = [ex.label for ex in examples]
     rep = classification_report(gold, preds, list(eset.labels))
     with (out_dir / "predictions.csv").open("w", newline="") as f:

@@ -12,7 +12,6 @@ accumulation and data parallelism give the same update as one big batch.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

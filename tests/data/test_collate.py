@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from data import (IGNORE_INDEX, LABELS, DataError, PromptConfig, Tokenizer, build_examples, encode_example,
-                  encode_prompt, label_words, load_dialogues, load_prompt_response_jsonl, pad_batch, render_prompt,
+                  encode_prompt, encode_response, label_words, load_dialogues, load_prompt_response_jsonl, pad_batch, render_prompt,
                   with_context)
 
 
@@ -48,10 +48,24 @@ def test_truncation_then_drops_demonstrations(tiny_tok, fixtures_dir):
     train = load_dialogues("meld", fixtures_dir / "meld", "train")
     [e] = build_examples(load_dialogues("meld", fixtures_dir / "meld", "dev"), "meld",
                          PromptConfig(n_shots=3, seed=0), demo_pool=train)[2:]
-    n_response = len(tiny_tok.encode(e.response, bos=False, eos=True))
+    # the budget reserves the longest label word + EOS, whatever this example's own label is
+    n_response = max(len(tiny_tok.encode(w, bos=False, eos=True)) for w in e.choices)
     one_demo = len(tiny_tok.encode(render_prompt(with_context(e.parts, 0, 1)))) + n_response
     ids, _ = encode_example(tiny_tok, e, one_demo)
     assert tiny_tok.decode(ids) == render_prompt(with_context(e.parts, 0, 1)) + " " + e.response
+
+
+def test_training_and_decoding_truncate_prompts_alike(tiny_tok, examples):
+    """encode_example keeps the same prompt tokens that decoding (encode_prompt reserving the longest label) sees."""
+    reserve = max(len(encode_response(tiny_tok, w)) for w in examples[6].choices)
+    for max_len in range(20, 160):  # every budget, so some fall between two context-turn boundaries
+        for e in examples:
+            try:
+                ids, labels = encode_example(tiny_tok, e, max_len)
+            except ValueError:
+                continue
+            n_prompt = sum(1 for y in labels if y == -100)
+            assert ids[:n_prompt] == encode_prompt(tiny_tok, e, max_len, n_reserved=reserve)
 
 
 def test_encode_prompt_reserves_room_for_labels(tiny_tok, examples):
