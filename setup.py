@@ -13,7 +13,7 @@ setup(
     description="From-scratch LLaMA 2 LoRA fine-tuning engine with Triton kernels, for emotion recognition in conversations",
     python_requires=">=3.10",
     packages=["engine", "kernels", "model", "data"],
-    py_modules=["train", "eval"],
+    py_modules=["train", "eval", "bench"],
     install_requires=[
         "torch>=2.5",
         "sentencepiece>=0.2",
