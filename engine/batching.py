@@ -83,6 +83,18 @@ class Batch:
         return Batch(move(self.ids), move(self.labels), move(self.positions), move(self.mask))
 
 
+def causal_mask(visible: Tensor, real: Tensor) -> Tensor:
+    """The one attention-mask builder: query t sees key s when s <= t, visible[b, t, s] and both are real tokens.
+
+    visible: (B, T, T) bool, which keys each query may see apart from causality; real: (B, T) bool, False on
+    padding. Every position also sees itself, so no softmax row is empty (padding sees only itself).
+    """
+    T = real.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()  # (T, T)
+    eye = torch.eye(T, dtype=torch.bool, device=real.device)
+    return (causal & visible & real[:, :, None] & real[:, None, :]) | eye  # (B, T, T)
+
+
 def collate(seqs: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest sequence -> input_ids (B, T), labels (B, T) with -100 on pads.
 

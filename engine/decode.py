@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .batching import causal_mask
+
 
 @dataclass(frozen=True)
 class PackedRow:
@@ -49,12 +51,8 @@ def candidate_mask(owner: Tensor) -> Tensor:
     A query sees earlier keys of the prompt and earlier keys of its own candidate; padding sees itself only
     (so no row of the softmax is empty).
     """
-    T = owner.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=owner.device).tril()  # (T, T)
     q, k = owner[:, :, None], owner[:, None, :]  # (B, T, 1), (B, 1, T)
-    visible = (k == -1) | (k == q)
-    eye = torch.eye(T, dtype=torch.bool, device=owner.device)
-    return (causal & visible & (q != -2) & (k != -2)) | eye
+    return causal_mask((k == -1) | (k == q), owner != -2)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batching import IGNORE_INDEX, Batch, Sequence
+from .batching import IGNORE_INDEX, Batch, Sequence, causal_mask
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -46,12 +46,8 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
 def block_causal_mask(segments: Tensor) -> Tensor:
     """segments (B, T), -1 on padding -> bool (B, T, T): causal within each example; a pad sees only itself,
     so no softmax row is empty."""
-    T = segments.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
     same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    real = (segments != -1)[:, :, None]  # (B, T, 1): real queries
-    eye = torch.eye(T, dtype=torch.bool, device=segments.device)
-    return (causal & same & real) | eye
+    return causal_mask(same, segments != -1)
 
 
 def pack(seqs: list[Sequence], pad_id: int, max_len: int) -> Batch:
