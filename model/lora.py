@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .hf_keys import LINEAR_META_TO_HF, permute_to_hf, permute_to_meta
+from .lora_fused import lora_linear
 
 VALID_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 _METADATA_KEY = "lora_config"  # safetensors metadata entry holding asdict(LoRAConfig) as JSON
@@ -86,6 +87,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.scale = cfg.rank, cfg.alpha, cfg.scale
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.merged = False
+        self.fused = False  # implementation choice (lora_fused.py), not config: adapter files are unchanged
         # pre-merge weight, only while merged with keep_original=True; a non-persistent buffer so that
         # .to(device) moves it but state_dict() and checkpoints never see it
         self.register_buffer("original_weight", None, persistent=False)
@@ -139,6 +141,9 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., in) -> (..., out)
+        if self.fused and not self.merged:
+            p = self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+            return lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scale, p, self.dropout.training)
         y = F.linear(x, self.weight)
         if self.merged:
             return y
@@ -152,6 +157,15 @@ class LoRALinear(nn.Module):
 
 def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_lora_fused(model: nn.Module, fused: bool) -> None:
+    """Switch every LoRALinear between the eager graph and the fused autograd path (same function)."""
+    mods = _lora_modules(model)
+    if not mods:
+        raise ValueError("set_lora_fused: model has no LoRA layers; call apply_lora first")
+    for m in mods.values():
+        m.fused = fused
 
 
 def n_lora_params(model_cfg: ModelConfig, cfg: LoRAConfig) -> int:
