@@ -7,7 +7,8 @@ grad_accum micro-batches. Every rank can therefore also count the supervised tok
 batch without communicating, which is what the loss is normalised by.
 
 A micro-batch reaches the model as a `Batch`: right-padded rows from `collate`, or packed rows from
-engine/packing.py (several examples per row, with per-row positions and a block-diagonal causal mask).
+engine/packing.py (several examples per row, with per-row positions and a block-diagonal causal mask, given as a
+bool tensor for SDPA or, built on the device from the rows' segment ids, as a flex_attention BlockMask).
 Which examples form the micro-batch does not depend on the layout, so both give the same update.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from data import IGNORE_INDEX, pad_batch  # IGNORE_INDEX: -100, the label cross-entropy skips
 
@@ -71,16 +73,22 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class Batch:
-    """Model inputs of one micro-batch. positions/mask are None for right-padded rows (plain causal attention)."""
+    """Model inputs of one micro-batch. positions/mask/segments are None for right-padded rows (plain causal
+    attention). Packed rows carry either `mask` (SDPA) or `segments` (flex_attention), see attention_mask()."""
     ids: Tensor  # (B, T) token ids
     labels: Tensor  # (B, T) aligned with ids; -100 where nothing is supervised
     positions: Tensor | None = None  # (B, T) rotary positions, restarting at 0 for each packed example
     mask: Tensor | None = None  # (B, T, T) bool, True where query t may attend to key s
+    segments: Tensor | None = None  # (B, T) example index within its row, -1 on padding
 
     def to(self, device: torch.device) -> "Batch":
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
-        return Batch(move(self.ids), move(self.labels), move(self.positions), move(self.mask))
+        return Batch(move(self.ids), move(self.labels), move(self.positions), move(self.mask), move(self.segments))
+
+    def attention_mask(self) -> Tensor | BlockMask | None:
+        """What the model takes as `mask`: the bool mask, or a BlockMask built where `segments` lives."""
+        return self.mask if self.segments is None else flex_block_mask(self.segments)
 
 
 def causal_mask(visible: Tensor, real: Tensor) -> Tensor:
@@ -93,6 +101,18 @@ def causal_mask(visible: Tensor, real: Tensor) -> Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()  # (T, T)
     eye = torch.eye(T, dtype=torch.bool, device=real.device)
     return (causal & visible & real[:, :, None] & real[:, None, :]) | eye  # (B, T, T)
+
+
+def flex_block_mask(segments: Tensor) -> BlockMask:
+    """segments (B, T), -1 on padding -> the BlockMask twin of causal_mask(same segment, real): query t sees key s
+    when s <= t in the same example, and a pad sees only itself. Tiles no query of which sees any key of are
+    skipped by flex_attention: the cross-example tiles of a packed row cost nothing."""
+    B, T = segments.shape
+
+    def visible(b, h, q, kv):  # flex_attention's mask_mod, evaluated on index tensors
+        same = segments[b, q] == segments[b, kv]
+        return ((kv <= q) & same & (segments[b, q] >= 0)) | (q == kv)
+    return create_block_mask(visible, B, None, T, T, device=segments.device)
 
 
 def collate(seqs: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 from model import MODEL_PRESETS, ModelConfig, Transformer, preset
 from model.checkpoint import load_pretrained
-from model.lora import LoRAConfig, apply_lora
+from model.lora import LoRAConfig, apply_lora, set_lora_fused
 
 from .config import TrainConfig
 from .runtime import Runtime
@@ -63,4 +63,5 @@ def build_lora_model(cfg: TrainConfig, rt: Runtime, vocab_size: int | None) -> t
                                  checkpointing=cfg.activation_checkpointing == "full")
     torch.manual_seed(cfg.seed)  # adapter init (kaiming A) is seeded independently of the base weights
     apply_lora(net, lora_config(cfg), verbose=rt.is_main)
+    set_lora_fused(net, cfg.fused_lora)
     return net, mcfg

@@ -28,6 +28,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("wq", "wv")
+    fused_lora: bool = False  # one autograd node per adapted linear (model/lora_fused.py); the same function
     # data: "kind=path" items; kind in DATA_KINDS ("prompts" = JSONL of {"prompt", "response"})
     train_data: tuple[str, ...] = ()
     dev_data: tuple[str, ...] = ()
@@ -35,6 +36,7 @@ class TrainConfig:
     context_turns: str = "2"  # previous utterances in each prompt: an integer or "all"
     max_len: int = 512
     packing: bool = False  # pack each micro-batch's examples into rows of <= max_len tokens (no padding waste)
+    packed_attention: str = "sdpa"  # with --packing: sdpa (bool block-diagonal mask) | flex (BlockMask; CUDA only)
     # optimisation
     micro_batch: int = 8
     grad_accum: int = 16  # global batch = micro_batch * grad_accum * world_size (the paper: 128)
@@ -63,6 +65,9 @@ class TrainConfig:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("kernels", self.kernels, ("auto", "on", "off"))
         _check_choice("activation_checkpointing", self.activation_checkpointing, ("none", "full"))
+        _check_choice("packed_attention", self.packed_attention, ("sdpa", "flex"))
+        if self.packed_attention == "flex" and not self.packing:
+            raise ValueError("--packed_attention flex applies to packed rows: add --packing")
         for name in ("lora_rank", "max_len", "micro_batch", "grad_accum", "log_every", "save_every", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")

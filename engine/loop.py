@@ -113,11 +113,12 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             loss_sum = torch.zeros((), device=rt.device)
             for j, idx in enumerate(micro_batches):
                 seqs = [train_seqs[i] for i in idx]
-                batch = pack(seqs, pad_id, cfg.max_len) if cfg.packing else Batch(*collate(seqs, pad_id))
-                batch = batch.to(rt.device)  # ids, labels (b, T); packed: positions (b, T), mask (b, T, T)
+                batch = (pack(seqs, pad_id, cfg.max_len, flex=cfg.packed_attention == "flex") if cfg.packing
+                         else Batch(*collate(seqs, pad_id)))
+                batch = batch.to(rt.device)  # ids, labels (b, T); packed: positions (b, T), mask or segments
                 last = j == len(micro_batches) - 1
                 with nullcontext() if (last or not rt.distributed) else loss_fn.no_sync():
-                    loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.mask)
+                    loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
                     # DDP averages over ranks, hence x world_size: the update is the mean over all n_sup tokens
                     (loss * (rt.world_size / n_sup)).backward()
                 loss_sum += loss.detach()

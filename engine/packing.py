@@ -11,7 +11,9 @@ rows' tails. Per row:
     segment     0  0  0  0 |  1  1  1 |  -1  -1          example index within the row, -1 on padding
     mask[t, s]  = s <= t and segment[s] == segment[t]     block-diagonal causal (pads see only themselves)
 
-so every example computes exactly the hidden states it has alone in a padded row. The loss predicts
+so every example computes exactly the hidden states it has alone in a padded row. With `flex=True` the batch
+carries the segments instead of the (B, T, T) mask, and the BlockMask is built from them on the device
+(Batch.attention_mask, engine/batching.py). The loss predicts
 labels[t + 1] from position t; at a boundary that would predict e1's first token from e0's last, so each
 example's first label is set to -100 (it never has a predecessor of its own, and `Sequence.n_supervised`
 does not count it either). The summed loss over supervised tokens is therefore the same sum as unpacked.
@@ -50,8 +52,9 @@ def block_causal_mask(segments: Tensor) -> Tensor:
     return causal_mask(same, segments != -1)
 
 
-def pack(seqs: list[Sequence], pad_id: int, max_len: int) -> Batch:
-    """Pack `seqs` into rows of at most max_len tokens -> Batch with ids, labels, positions (B, T), mask (B, T, T)."""
+def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False) -> Batch:
+    """Pack `seqs` into rows of at most max_len tokens -> Batch with ids, labels, positions (B, T) and either
+    mask (B, T, T) for SDPA or, with flex=True, segments (B, T) for a flex_attention BlockMask."""
     rows = first_fit_decreasing([len(s.ids) for s in seqs], max_len)
     T = max(sum(len(seqs[i].ids) for i in row) for row in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
@@ -68,4 +71,6 @@ def pack(seqs: list[Sequence], pad_id: int, max_len: int) -> Batch:
             positions[r, start:end] = torch.arange(len(s.ids))
             segments[r, start:end] = k
             start = end
+    if flex:
+        return Batch(ids, labels, positions, segments=segments)
     return Batch(ids, labels, positions, block_causal_mask(segments))

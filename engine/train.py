@@ -19,6 +19,9 @@ from .runtime import seed_everything, setup_runtime, teardown_runtime
 def train(cfg: TrainConfig) -> dict:
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.kernels)
     try:
+        if cfg.packed_attention == "flex" and rt.device.type != "cuda":
+            raise ValueError(f"--packed_attention flex trains on CUDA only (flex_attention has no {rt.device.type} "
+                             "backward in torch 2.13); use --packed_attention sdpa")
         seed_everything(cfg.seed)
         tok = Tokenizer(resolve_tokenizer_path(cfg))
         train_seqs = training_sequences(cfg.train_data, tok, max_len=cfg.max_len, context_turns=cfg.context_turns,

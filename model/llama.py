@@ -7,16 +7,20 @@
 
 Rotary embeddings use Meta's interleaved pairs (x[2i], x[2i+1]) with fp32 cos/sin (checkpoints in HF's
 rotate-half order are un-permuted at load time, model/checkpoint.py). Attention is SDPA with GQA: causal, or under a caller's
-bool mask (packed examples, label-restricted decoding).
+bool mask (packed examples, label-restricted decoding); or flex_attention under a caller's BlockMask (packed
+examples: whole tiles outside every example are skipped rather than computed and masked).
 The three pointwise ops come either from the fused Triton kernels or from their pure-torch references
 (`use_kernels`); both compute the same function.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 import kernels
@@ -30,6 +34,14 @@ def _ops(use_kernels: bool):
     if use_kernels:
         return kernels.rms_norm, kernels.swiglu, kernels.apply_rope
     return REFERENCE.rms_norm, REFERENCE.swiglu, REFERENCE.apply_rope
+
+
+@functools.cache
+def _flex_attention(fused: bool):
+    """flex_attention compiled into one fused kernel (CUDA), or eager: the unfused reference that materialises
+    the scores. Compiled once per process; torch.compile generalises to dynamic shapes after the first change
+    of row length, so varying packed-row lengths do not recompile every step."""
+    return torch.compile(flex_attention) if fused else flex_attention
 
 
 class RMSNorm(nn.Module):
@@ -52,17 +64,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, use_kernels: bool = False,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | BlockMask | None = None) -> Tensor:
         B, T, _ = x.shape
         rope = _ops(use_kernels)[2]
         q = rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, Dh)
         k = rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, Dh)
-        # mask None: plain causal attention; else a bool (B, 1, T, T) "query may see key" mask, which
-        # confines attention to each packed example or scores several continuations of one prompt at once
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, Dh)
+        gqa = self.n_kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):  # the same "query may see key" rule as a bool mask, tile-sparse
+            o = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)  # (B, H, T, Dh)
+        else:
+            # mask None: plain causal attention; else a bool (B, 1, T, T) "query may see key" mask, which
+            # confines attention to each packed example or scores several continuations of one prompt at once
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)  # (B, H, T, Dh)
         return self.wo(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -86,7 +102,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, use_kernels: bool = False,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | BlockMask | None = None) -> Tensor:
         h = h + self.attention(self.attention_norm(h, use_kernels), cos, sin, use_kernels, mask)
         return h + self.feed_forward(self.ffn_norm(h, use_kernels), use_kernels)
 
@@ -116,18 +132,25 @@ class Transformer(nn.Module):
             elif not name.endswith(("lora_a", "lora_b")):  # adapters have their own init
                 p.normal_(0.0, std, generator=generator)
 
-    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None,
+                      mask: Tensor | BlockMask | None = None) -> Tensor:
         """tokens: (B, T) -> final normed hidden states (B, T, D), before the vocabulary projection.
 
         positions: (T,) or (B, T) integer positions (default arange(T)); per-row positions serve packed rows.
-        mask: optional bool (B, T, T), True where query t may attend to key s; default causal.
+        mask: optional bool (B, T, T), True where query t may attend to key s; or a flex_attention BlockMask of
+        batch B (or 1) over T x T that encodes the same rule; default causal. flex_attention has a backward
+        on CUDA only (torch 2.13), so a BlockMask trains on CUDA and runs inference anywhere.
         """
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
         elif positions.shape[-1] != T or positions.dim() not in (1, 2):
             raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens {(B, T)}")
-        if mask is not None:
+        if isinstance(mask, BlockMask):
+            if mask.shape[0] not in (1, B) or tuple(mask.seq_lengths) != (T, T):
+                raise ValueError(f"BlockMask of batch {mask.shape[0]} over {tuple(mask.seq_lengths)} does not "
+                                 f"match tokens {(B, T)}")
+        elif mask is not None:
             if mask.shape != (B, T, T) or mask.dtype != torch.bool:
                 raise ValueError(f"mask must be bool (B, T, T) = {(B, T, T)}, got {mask.dtype} {tuple(mask.shape)}")
             mask = mask[:, None]  # (B, 1, T, T): shared by all heads
@@ -141,6 +164,7 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, self.use_kernels, mask)
         return self.norm(h, self.use_kernels)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None,
+                mask: Tensor | BlockMask | None = None) -> Tensor:
         """tokens: (B, T) int -> logits (B, T, vocab) in the weights' dtype."""
         return self.output(self.hidden_states(tokens, positions, mask))

@@ -62,7 +62,7 @@ def test_packed_loss_and_grads_match_unpacked(tmp_path, kernels):
 
     def loss_and_grads(batch: Batch):
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.mask)
+        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -95,3 +95,101 @@ def test_packed_training_matches_unpacked(tmp_path):
 def test_packing_flag():
     assert parse_config(TrainConfig, ["--packing"]).packing is True
     assert parse_config(TrainConfig, []).packing is False
+
+
+# ---------------------------------------------------------------- flex_attention BlockMask twin
+
+def test_flex_pack_has_same_layout_and_mask_rule():
+    """pack(flex=True) carries segments instead of the mask, and the BlockMask's rule is block_causal_mask's."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    seqs = _sequences(9, seed=3)
+    sdpa, flex = pack(seqs, pad_id=0, max_len=40), pack(seqs, pad_id=0, max_len=40, flex=True)
+    assert flex.mask is None and flex.segments.shape == flex.ids.shape
+    for name in ("ids", "labels", "positions"):
+        assert torch.equal(getattr(flex, name), getattr(sdpa, name)), name
+    assert (flex.segments == -1).any(), "no padded tail: the pad rule is untested"
+    bm = flex.attention_mask()
+    B, T = flex.ids.shape
+    dense = create_mask(bm.mask_mod, B, 1, T, T, device="cpu")[:, 0]  # (B, T, T) evaluated at every index pair
+    assert torch.equal(dense, sdpa.mask)
+    assert torch.equal(block_causal_mask(flex.segments), sdpa.mask)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager: the unfused reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flex_forward_matches_sdpa_mask(dtype):
+    """Inference under the BlockMask (eager flex_attention on CPU) equals the bool-mask SDPA model, GQA included.
+    bf16: flex's error against the fp32 model is within 2x SDPA's own bf16 error (tests/tolerances.assert_ratio)."""
+    import copy
+
+    from model.config import ModelConfig
+    from model.llama import Transformer
+    from tests.tolerances import assert_ratio
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=176, max_seq_len=64)
+    model = Transformer(cfg).to(dtype).eval()
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    ref32 = copy.deepcopy(model).float()
+    seqs = _sequences(9, seed=4)
+    sdpa, flex = pack(seqs, pad_id=0, max_len=40), pack(seqs, pad_id=0, max_len=40, flex=True)
+    with torch.no_grad():
+        h_flex = model.hidden_states(flex.ids, flex.positions, flex.attention_mask())
+        h_sdpa = model.hidden_states(sdpa.ids, sdpa.positions, sdpa.attention_mask())
+        h_ref = ref32.hidden_states(sdpa.ids, sdpa.positions, sdpa.attention_mask())
+    if dtype == torch.float32:
+        torch.testing.assert_close(h_flex, h_sdpa, rtol=1e-5, atol=1e-5)
+    else:
+        assert_ratio(h_flex, h_ref, h_sdpa)
+
+
+def test_flex_block_mask_shape_is_checked():
+    from model.llama import Transformer
+    from model.config import preset
+
+    model = Transformer(preset("tiny"))
+    flex = pack(_sequences(4), pad_id=0, max_len=40, flex=True)
+    with pytest.raises(ValueError, match="BlockMask of batch"):
+        model.hidden_states(flex.ids[:, :-1], flex.positions[:, :-1], flex.attention_mask())
+
+
+def test_flex_flag_errors(tmp_path):
+    with pytest.raises(ValueError, match="add --packing"):
+        parse_config(TrainConfig, ["--packed_attention", "flex"])
+    with pytest.raises(ValueError, match="packed_attention must be one of"):
+        parse_config(TrainConfig, ["--packing", "--packed_attention", "xformers"])
+    from engine.train import train
+
+    cfg = base_cfg(tmp_path, packing=True, packed_attention="flex", train_data=("meld=/nonexistent",))
+    with pytest.raises(ValueError, match="trains on CUDA only"):  # before the data or the model are touched
+        train(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing):
+    """The training twin on CUDA: compiled flex_attention gives the bool-mask SDPA loss and adapter gradients."""
+    cfg = base_cfg(tmp_path, device="cuda", dtype=dtype, kernels="on", activation_checkpointing=checkpointing)
+    _, model, _ = tiny_setup(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0.0, 0.1)
+    loss_fn = SupervisedLoss(model)
+    seqs = _sequences(16, seed=5)
+
+    def loss_and_grads(batch: Batch):
+        model.zero_grad(set_to_none=True)
+        batch = batch.to(torch.device("cuda"))
+        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_a, grads_a = loss_and_grads(pack(seqs, pad_id=0, max_len=64))
+    loss_b, grads_b = loss_and_grads(pack(seqs, pad_id=0, max_len=64, flex=True))
+    tol = (1e-4, 1e-5) if dtype == "fp32" else (2e-2, 2e-2)
+    torch.testing.assert_close(loss_b, loss_a, rtol=tol[0], atol=tol[1])
+    for name, g in grads_a.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(grads_b[name], g, rtol=tol[0], atol=tol[1] * g.abs().max().item(), msg=name)
