@@ -1,12 +1,16 @@
 """Training and evaluation throughput: this engine vs transformers + PEFT, one after the other, same device.
 
-    python bench.py --mode erc   [--packing] [--kernels on|off] [--compile] [--out benchmarks/results]
+    python bench.py --mode erc   [--packing] [--packed-attention flex] [--fused-lora] [--compile] [--kernels on|off]
+    python bench.py --mode erc   --variants base,packing,packing+flex,packing+fused,packing+fused+compile
     python bench.py --mode fixed [--seq-len 512]
 
 Systems (each built, run and freed in turn, on identical batches):
     ours          model.Transformer + hand-written LoRA (fp32 adapters cast to bf16 in forward), the loss
-                  projected onto the vocabulary at supervised positions only; optional packing (engine/packing.py),
-                  Triton kernels and torch.compile of each block.
+                  projected onto the vocabulary at supervised positions only; optional packing (engine/packing.py)
+                  with a bool SDPA mask or a flex_attention BlockMask, the fused LoRA autograd
+                  (model/lora_fused.py), Triton kernels and torch.compile of each block. --variants runs several
+                  such configurations one after the other as systems `ours[packing+flex]` etc.; the headline
+                  ratios use the fastest of them (named in the report as `headline`).
     hf_peft_bf16  transformers LlamaForCausalLM (SDPA) + PEFT LoRA, adapters kept in bf16
                   (get_peft_model(..., autocast_adapter_dtype=False)); the baseline the ratios use.
     hf_peft_fp32  the same with PEFT's default fp32 adapters.
@@ -44,14 +48,15 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
 import time
-import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from data import Tokenizer, encode_prompt, encode_response
+from benchmarks.hf_baseline import build_hf, hf_step, sync, time_hf_eval
 from engine.batching import Batch, Sequence, collate
 from engine.build import build_base_model
 from engine.data import load_example_set, prompt_config, training_sequences
@@ -61,15 +66,39 @@ from engine.optim import make_optimizer, trainable_parameters
 from engine.packing import pack
 from engine.runtime import setup_runtime
 from model.config import ModelConfig, from_hf_config, preset
-from model.lora import VALID_TARGETS, LoRAConfig, apply_lora
+from model.lora import VALID_TARGETS, LoRAConfig, apply_lora, set_lora_fused
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
 DEMO_MELD = ROOT / "data" / "demo" / "meld_format"
-HF_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj",
-            "w3": "up_proj"}
 BASELINE = "hf_peft_bf16"
 RECIPE_EXAMPLES, RECIPE_EPOCHS = 22_700, 5  # DialogueLLM: MELD + IEMOCAP + EmoryNLP train sets, 5 epochs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration of our engine; parsed from "base" or a '+'-joined subset of packing, flex, fused, compile."""
+    packing: bool = False
+    flex: bool = False  # packed rows through flex_attention BlockMasks instead of a bool SDPA mask
+    fused_lora: bool = False
+    compile: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "Variant":
+        tokens = [] if spec == "base" else spec.split("+")
+        names = {"packing": "packing", "flex": "flex", "fused": "fused_lora", "compile": "compile"}
+        if not tokens and spec != "base" or set(tokens) - set(names) or len(set(tokens)) != len(tokens):
+            raise ValueError(f"--variants: {spec!r} must be 'base' or a '+'-joined subset of {', '.join(names)}")
+        v = cls(**{names[t]: True for t in tokens})
+        if v.flex and not v.packing:
+            raise ValueError(f"--variants: {spec!r}: flex applies to packed rows, add packing")
+        return v
+
+    @property
+    def spec(self) -> str:
+        on = [t for t, f in (("packing", self.packing), ("flex", self.flex), ("fused", self.fused_lora),
+                             ("compile", self.compile)) if f]
+        return "+".join(on) or "base"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,8 +124,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--checkpointing", choices=("on", "off"), default="on", help="activation checkpointing, both")
     p.add_argument("--packing", action="store_true", help="ours: pack each micro-batch into rows of <= max-len")
+    p.add_argument("--packed-attention", choices=("sdpa", "flex"), default="sdpa",
+                   help="ours, packed rows: bool-mask SDPA or flex_attention BlockMasks")
+    p.add_argument("--fused-lora", action="store_true", help="ours: the fused LoRA autograd (model/lora_fused.py)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto", help="ours: Triton kernels")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer block")
+    p.add_argument("--variants", default="", help="ours: several configurations, e.g. base,packing+flex "
+                   "(replaces --packing/--packed-attention/--fused-lora/--compile)")
     p.add_argument("--systems", default=f"ours,{BASELINE},hf_peft_fp32", help="comma-separated subset to run")
     p.add_argument("--eval-examples", type=int, default=64, help="dev utterances for eval throughput (erc; 0: skip)")
     p.add_argument("--eval-batch", type=int, default=8)
@@ -114,15 +148,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.systems) - {"ours", BASELINE, "hf_peft_fp32"}
     if unknown or not args.systems:
         p.error(f"--systems: unknown {sorted(unknown)}")
+    try:
+        args.variants = ([Variant.parse(v) for v in args.variants.split(",") if v] if args.variants else
+                         [Variant.parse("+".join(t for t, on in (("packing", args.packing),
+                                                                 ("flex", args.packed_attention == "flex"),
+                                                                 ("fused", args.fused_lora), ("compile", args.compile))
+                                                 if on) or "base")])
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
 # ---------------------------------------------------------------- device, batches, FLOPs
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense matmul rate (TFLOP/s): best of several n^3 GEMMs (n = 8192 on CUDA, 512 on CPU)."""
@@ -130,10 +167,10 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     times = []
     for i in range(13):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        sync(device)
         if i >= 3:  # the first calls pick kernels and warm clocks
             times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times) / 1e12
@@ -170,77 +207,34 @@ def lora_targets(args) -> tuple[str, ...]:
     return ("wq", "wv") if args.lora_targets == "qv" else VALID_TARGETS
 
 
-def build_ours(args, rt, vocab_size: int | None):
+def build_ours(args, variant: Variant, rt, vocab_size: int | None):
     net, mcfg = build_base_model(args.model, rt, vocab_size=vocab_size, seed=args.seed,
                                  checkpointing=args.checkpointing == "on")
     torch.manual_seed(args.seed)
     apply_lora(net, LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets(args)),
                verbose=False)
-    if args.compile:
+    set_lora_fused(net, variant.fused_lora)
+    if variant.compile:
         for layer in net.layers:
             layer.compile()  # in place: parameter names and checkpointing stay as they are
     return net, mcfg
 
 
-def ours_step(net, args, rt, pad_id: int):
+def ours_step(net, args, variant: Variant, rt, pad_id: int):
     loss_fn = SupervisedLoss(net)
     params = trainable_parameters(net)
     opt = make_optimizer(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
     def step(seqs: list[Sequence]) -> torch.Tensor:
-        batch = pack(seqs, pad_id, args.max_len) if args.packing else Batch(*collate(seqs, pad_id))
-        batch = batch.to(rt.device)
-        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.mask) / sum(s.n_supervised for s in seqs)
+        batch = (pack(seqs, pad_id, args.max_len, flex=variant.flex) if variant.packing
+                 else Batch(*collate(seqs, pad_id))).to(rt.device)
+        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
+        loss = loss / sum(s.n_supervised for s in seqs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
-    return step
-
-
-def build_hf(args, mcfg, rt, fp32_adapters: bool):
-    """LlamaForCausalLM (SDPA, checkpointing) + PEFT LoRA with the same config as ours."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if Path(args.model).is_dir():
-        hf = LlamaForCausalLM.from_pretrained(args.model, dtype=rt.dtype, attn_implementation="sdpa").to(rt.device)
-    else:
-        hc = LlamaConfig(hidden_size=mcfg.dim, intermediate_size=mcfg.hidden_dim, num_hidden_layers=mcfg.n_layers,
-                         num_attention_heads=mcfg.n_heads, num_key_value_heads=mcfg.n_kv_heads,
-                         vocab_size=mcfg.vocab_size, rms_norm_eps=mcfg.norm_eps, rope_theta=mcfg.rope_theta,
-                         max_position_embeddings=max(mcfg.max_seq_len, args.max_len, args.seq_len),
-                         tie_word_embeddings=False, attn_implementation="sdpa")
-        torch.manual_seed(args.seed)
-        with torch.device(rt.device):  # built where it runs, directly in its dtype: never a 7B model on CPU
-            hf = LlamaForCausalLM._from_config(hc, dtype=rt.dtype)
-    hf.config.use_cache = False
-    if args.checkpointing == "on" and hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.x
-        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif args.checkpointing == "on":
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lc = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                    target_modules=[HF_NAMES[t] for t in lora_targets(args)], task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # PEFT 0.21 calls transformers' deprecated is_gradient_checkpointing
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(hf, lc, autocast_adapter_dtype=fp32_adapters)
-
-
-def hf_step(pm, args, rt, pad_id: int):
-    params = trainable_parameters(pm)
-    opt = make_optimizer(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-    def step(seqs: list[Sequence]) -> torch.Tensor:
-        ids, labels = collate(seqs, pad_id)  # (b, T) right-padded
-        lengths = torch.tensor([len(s.ids) for s in seqs])
-        attn = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()  # (b, T)
-        out = pm(input_ids=ids.to(rt.device), attention_mask=attn.to(rt.device), labels=labels.to(rt.device))
-        out.loss.backward()  # mean over the batch's supervised tokens, the same normalisation as ours
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
     return step
 
 
@@ -250,10 +244,10 @@ def time_training(step, batches: list[list[Sequence]], warmup: int, mcfg, device
     """Run every batch through `step`; per-step rates over the measured (post-warm-up) steps."""
     times, losses = [], []
     for seqs in batches:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         losses.append(step(seqs))
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     measured = list(zip(times[warmup:], batches[warmup:]))
     tok = [sum(len(s.ids) for s in b) / t for t, b in measured]
@@ -281,13 +275,6 @@ def _memory_start(device) -> float | None:
     return torch.cuda.memory_allocated(device) / 2**30
 
 
-def match_label(text: str, words: tuple[str, ...]) -> int:
-    """Index of the label word generated text names first (the longer word on a tie: sadness over sad), or -1."""
-    t = text.strip().lower()
-    hits = [(t.find(w.lower()), -len(w), i) for i, w in enumerate(words) if w.lower() in t]
-    return min(hits)[2] if hits else -1
-
-
 def eval_data(args, tok: Tokenizer):
     eset = load_example_set(f"meld={args.meld}", "dev", prompt_config(args.context_turns))
     examples = eset.examples[:args.eval_examples]
@@ -302,38 +289,11 @@ def eval_data(args, tok: Tokenizer):
 def time_ours_eval(net, prompts, candidates, labels, args, pad_id: int, device) -> float:
     net.eval()
     predict_labels(net, prompts[:args.eval_batch], candidates, labels, pad_id=pad_id, batch_size=args.eval_batch)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     predict_labels(net, prompts, candidates, labels, pad_id=pad_id, batch_size=args.eval_batch)
-    _sync(device)
+    sync(device)
     return len(prompts) / (time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def time_hf_eval(pm, prompts, candidates, words, args, tok: Tokenizer, device) -> tuple[float, float]:
-    """-> (utterances/s, fraction of generations that named a label)."""
-    pm.eval()
-    max_new = args.max_new_tokens or max(len(c) for c in candidates)
-
-    def generate(chunk: list[list[int]]) -> list[str]:
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
-        attn = torch.zeros((len(chunk), T), dtype=torch.long)
-        for i, p in enumerate(chunk):  # left padding, as decoder-only generation needs
-            ids[i, T - len(p):], attn[i, T - len(p):] = torch.tensor(p), 1
-        out = pm.generate(input_ids=ids.to(device), attention_mask=attn.to(device), num_beams=4, do_sample=False,
-                          max_new_tokens=max_new, early_stopping=True, use_cache=True, pad_token_id=tok.pad_id,
-                          eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-        return [tok.decode(row[T:].tolist()) for row in out]
-
-    generate(prompts[:args.eval_batch])
-    _sync(device)
-    t0 = time.perf_counter()
-    matched = 0
-    for start in range(0, len(prompts), args.eval_batch):
-        matched += sum(match_label(t, words) >= 0 for t in generate(prompts[start:start + args.eval_batch]))
-    _sync(device)
-    return len(prompts) / (time.perf_counter() - t0), matched / len(prompts)
 
 
 # ---------------------------------------------------------------- report
@@ -356,7 +316,7 @@ def markdown(report: dict) -> str:
              f"{report['date']} · commit {report['commit']}{' (dirty)' if report['dirty'] else ''} · "
              f"torch {report['torch']} · model {c['model']} {c['dtype']} · micro-batch {c['micro_batch']} · "
              f"LoRA r={c['lora_rank']} on {','.join(c['lora_targets'])} · checkpointing {c['checkpointing']} · "
-             f"ours: packing {c['packing']}, kernels {c['kernels']}, compile {c['compile']} · "
+             f"ours: {', '.join(c['variants'])} (kernels {c['kernels']}) · "
              f"matmul {report['matmul_tflops']:.3g} TFLOP/s", ""]
     if report["device_type"] == "cpu":
         lines += ["**CPU smoke run of the harness (tiny config): not a performance measurement.**", ""]
@@ -368,16 +328,19 @@ def markdown(report: dict) -> str:
                      f"{r['supervised_tokens_per_s']:.1f} | {100 * r['mfu']:.1f}% | {fmt(r['peak_memory_gb'], '.2f')} "
                      f"| {fmt(r['peak_reserved_gb'], '.2f')} |")
     lines.append("")
+    for name, err in report["failed"].items():
+        lines.append(f"{name}: FAILED, {err}")
     for name, r in report["ratios"].items():
-        lines.append(f"ours vs {name}: speedup {fmt(r['speedup'], '.2f')}x (tokens/s), memory ratio "
+        lines.append(f"{name}: speedup {fmt(r['speedup'], '.2f')}x (tokens/s), memory ratio "
                      f"{fmt(r['memory_ratio'], '.2f')} (peak allocated)")
+    lines.append(f"headline (fastest of ours): {report['headline']}")
     if report["recipe_minutes"]:
         lines.append("DialogueLLM recipe estimate (22,700 examples x 5 epochs at the measured tokens/s): " + ", ".join(
             f"{k} {v:.1f} min" for k, v in report["recipe_minutes"].items()))
     if report["eval"]:
         e = report["eval"]
         lines += ["", "| eval | utterances/s |", "|---|---:|",
-                  f"| ours, label-restricted | {fmt(e.get('ours_utt_per_s'), '.2f')} |",
+                  f"| {e.get('ours_system', 'ours')}, label-restricted | {fmt(e.get('ours_utt_per_s'), '.2f')} |",
                   f"| HF generate, 4 beams + string match | {fmt(e.get('hf_utt_per_s'), '.2f')} |",
                   "", f"eval speedup: {fmt(e.get('speedup'), '.1f')} · HF outputs naming a label: "
                   f"{fmt(e.get('hf_matched_fraction'), '.2f')} (random weights name none)"]
@@ -409,28 +372,38 @@ def main(argv: list[str] | None = None) -> int:
     batches = [[seqs[(i * args.micro_batch + j) % len(seqs)] for j in range(args.micro_batch)]
                for i in range(args.warmup + args.steps)]  # the same batches, in the same order, for every system
     peak_tflops = matmul_tflops(device, rt.dtype)
-    systems, evals = {}, {}
-    for name in ("ours", BASELINE, "hf_peft_fp32"):
-        if name not in args.systems:
-            continue
+    runs = [(("ours" if len(args.variants) == 1 else f"ours[{v.spec}]"), v) for v in args.variants
+            if "ours" in args.systems] + [(n, None) for n in (BASELINE, "hf_peft_fp32") if n in args.systems]
+    systems, failed, evals = {}, {}, {}
+    for name, variant in runs:
         _memory_start(device)
-        if name == "ours":
-            net, _ = build_ours(args, rt, tok.vocab_size if tok else None)
-            step = ours_step(net, args, rt, pad_id)
-        else:
-            net = build_hf(args, mcfg, rt, fp32_adapters=name == "hf_peft_fp32")
-            step = hf_step(net, args, rt, pad_id)
-        resident_gb = _memory_start(device)
-        net.train()
-        systems[name] = {**time_training(step, batches, args.warmup, mcfg, device, peak_tflops),
-                         "resident_gb_at_start": resident_gb}
+        try:  # one configuration failing (say, a compiler error) must not cost the others' numbers
+            if variant is not None:
+                net, _ = build_ours(args, variant, rt, tok.vocab_size if tok else None)
+                step = ours_step(net, args, variant, rt, pad_id)
+            else:
+                net = build_hf(args, mcfg, rt, lora_targets(args), fp32_adapters=name == "hf_peft_fp32")
+                step = hf_step(net, args, rt, pad_id)
+            resident_gb = _memory_start(device)
+            net.train()
+            systems[name] = {**time_training(step, batches, args.warmup, mcfg, device, peak_tflops),
+                             "resident_gb_at_start": resident_gb, "variant": variant and variant.spec}
+        except Exception as e:  # noqa: BLE001 - reported in the JSON and on stderr, then the next system runs
+            if len(runs) == 1:
+                raise
+            failed[name] = f"{type(e).__name__}: {e}"
+            print(f"{name}: FAILED {failed[name]}", file=sys.stderr, flush=True)
+            net = step = None
+            continue
         print(f"{name}: {systems[name]['tokens_per_s']:.0f} tokens/s, step {1e3 * systems[name]['step_s']:.1f} ms",
               flush=True)
-        if args.mode == "erc" and args.eval_examples and name in ("ours", BASELINE):
+        first_ours = variant is not None and "ours_utt_per_s" not in evals
+        if args.mode == "erc" and args.eval_examples and (first_ours or name == BASELINE):
             prompts, candidates, words, labels = eval_data(args, tok)
             evals["n_examples"] = len(prompts)
-            if name == "ours":
+            if variant is not None:
                 evals["ours_utt_per_s"] = time_ours_eval(net, prompts, candidates, labels, args, pad_id, device)
+                evals["ours_system"] = name
             else:
                 evals["hf_utt_per_s"], evals["hf_matched_fraction"] = time_hf_eval(
                     net, prompts, candidates, words, args, tok, device)
@@ -439,10 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     if evals:
         evals["speedup"] = _ratio(evals.get("ours_utt_per_s"), evals.get("hf_utt_per_s"))
 
-    ours = systems.get("ours", {})
-    ratios = {n: {"speedup": _ratio(ours.get("tokens_per_s"), r["tokens_per_s"]),
-                  "memory_ratio": _ratio(ours.get("peak_memory_gb"), r["peak_memory_gb"])}
-              for n, r in systems.items() if n != "ours"}
+    ours_names = [n for n, v in runs if v is not None and n in systems]
+    headline = max(ours_names, key=lambda n: systems[n]["tokens_per_s"], default=None)
+    ratios = {f"{o} vs {h}": {"speedup": _ratio(systems[o]["tokens_per_s"], systems[h]["tokens_per_s"]),
+                              "memory_ratio": _ratio(systems[o]["peak_memory_gb"], systems[h]["peak_memory_gb"])}
+              for o in ours_names for h in systems if h not in ours_names}
     all_seqs = [s for b in batches for s in b]
     mean_len = sum(len(s.ids) for s in all_seqs) / len(all_seqs)
     recipe = ({n: RECIPE_EXAMPLES * RECIPE_EPOCHS * mean_len / r["tokens_per_s_aggregate"] / 60
@@ -454,15 +428,16 @@ def main(argv: list[str] | None = None) -> int:
         "device_type": device.type, "mode": args.mode, "commit": _git("rev-parse", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "config": {**{k: v for k, v in vars(args).items() if k != "systems"}, "systems": list(args.systems),
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("systems", "variants")},
+                   "systems": list(args.systems), "variants": [v.spec for v in args.variants],
                    "lora_targets": list(lora_targets(args)), "model_config": asdict(mcfg)},
         "matmul_tflops": peak_tflops,
         "batches": {"n_steps": len(batches), "mean_tokens_per_example": mean_len,
                     "mean_supervised_per_example": sum(s.n_supervised for s in all_seqs) / len(all_seqs),
                     "padding_fraction_right_padded": 1 - len(all_seqs) * mean_len / padded},
-        "systems": systems, "baseline": BASELINE,
-        "speedup": ratios.get(BASELINE, {}).get("speedup"),
-        "memory_ratio": ratios.get(BASELINE, {}).get("memory_ratio"),
+        "systems": systems, "failed": failed, "baseline": BASELINE, "headline": headline,
+        "speedup": ratios.get(f"{headline} vs {BASELINE}", {}).get("speedup"),
+        "memory_ratio": ratios.get(f"{headline} vs {BASELINE}", {}).get("memory_ratio"),
         "ratios": ratios, "recipe_minutes": recipe, "eval": evals or None,
     }
     out = Path(args.out)

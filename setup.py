@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="From-scratch LLaMA 2 LoRA fine-tuning engine with Triton kernels, for emotion recognition in conversations",
     python_requires=">=3.10",
-    packages=["engine", "kernels", "model", "data"],
+    packages=["engine", "kernels", "model", "data", "benchmarks"],
     py_modules=["train", "eval", "bench"],
     install_requires=[
         "torch>=2.5",

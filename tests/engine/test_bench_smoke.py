@@ -45,5 +45,28 @@ def test_bench_erc_and_fixed_modes_write_reports(tmp_path):
                        "--out", str(tmp_path / "fixed")]) == 0
     r = _report(tmp_path / "fixed")
     assert r["mode"] == "fixed" and set(r["systems"]) == {"ours", "hf_peft_fp32"} and r["eval"] is None
-    assert r["ratios"]["hf_peft_fp32"]["speedup"] > 0 and r["speedup"] is None  # the bf16 baseline did not run
+    assert r["ratios"]["ours vs hf_peft_fp32"]["speedup"] > 0 and r["speedup"] is None  # the bf16 baseline did not run
     assert r["batches"]["mean_supervised_per_example"] == 15
+
+
+def test_bench_variants_run_side_by_side_and_a_failure_is_recorded(tmp_path):
+    """--variants runs each configuration as its own system; flex has no CPU backward, so that one fails and is
+    recorded while the others still report, and the headline is the fastest that ran."""
+    assert bench.main([*TINY, "--mode", "fixed", "--seq-len", "16", "--systems", "ours,hf_peft_bf16",
+                       "--variants", "base,packing+fused,packing+flex", "--out", str(tmp_path)]) == 0
+    r = _report(tmp_path)
+    assert set(r["systems"]) == {"ours[base]", "ours[packing+fused]", "hf_peft_bf16"}
+    assert set(r["failed"]) == {"ours[packing+flex]"} and "CPU" in r["failed"]["ours[packing+flex]"]
+    assert r["systems"]["ours[packing+fused]"]["variant"] == "packing+fused"
+    assert r["headline"] in ("ours[base]", "ours[packing+fused]")
+    assert r["speedup"] == r["ratios"][f"{r['headline']} vs hf_peft_bf16"]["speedup"] > 0
+    assert r["config"]["variants"] == ["base", "packing+fused", "packing+flex"]
+    # the same model, data and dropout seed: the two configurations compute the same losses
+    a, b = r["systems"]["ours[base]"], r["systems"]["ours[packing+fused]"]
+    assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["flex", "packing+packing", "packing+turbo", ""])
+def test_bench_rejects_bad_variants(spec):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--variants", f"base,{spec}" if spec else "base,,+"])

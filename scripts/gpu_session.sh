@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything a lent GPU session measures, in parts that each fit one 10-minute device call.
+#
+#   bash scripts/gpu_session.sh check   # GPU tests (kernels, flex_attention, fused LoRA), kernel bench, 7B memory
+#   bash scripts/gpu_session.sh erc     # bench.py on real MELD batches: our variants vs HF + PEFT, eval throughput
+#   bash scripts/gpu_session.sh fixed   # bench.py, fixed-length rows of 512: MFU
+#
+# Results go to $OUT (the device tool's folder; default benchmarks/results/gpu) and are committed from there under
+# benchmarks/results/ with the device, date and commit they carry. The real MELD files and the LLaMA 2 tokenizer
+# are read from $SHARED (default .gpu/shared, an ignored folder: copy ../shared/data/meld and
+# ../shared/tokenizer there and carry it; they are never committed; the erc part stops without them). Each step has its own time limit, so one hang cannot take the
+# others' results with it; the step's log says what happened.
+set -uo pipefail
+part=${1:?usage: scripts/gpu_session.sh check|erc|fixed}
+OUT=${OUT:-benchmarks/results/gpu}
+SHARED=${SHARED:-.gpu/shared}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+log="$OUT/$part.log"
+
+run() {  # run LIMIT_S CMD...: one step, its output appended to the part's log
+    local limit=$1; shift
+    echo "=== $(date -u +%FT%TZ) $*" | tee -a "$log"
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    echo "=== exit ${PIPESTATUS[0]}" | tee -a "$log"
+}
+
+data_args=()
+if [[ -f "$SHARED/tokenizer/llama2/tokenizer.model" && -d "$SHARED/data/meld" ]]; then
+    data_args=(--meld "$SHARED/data/meld" --tokenizer "$SHARED/tokenizer/llama2/tokenizer.model")
+fi
+
+case $part in
+check)
+    { nvidia-smi; git log -1 --format='commit %H %cI' 2>/dev/null
+      $PY -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,
+"transformers", transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name())'; } 2>&1 | tee -a "$log"
+    run 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+    run 180 $PY -m kernels.bench --out "$OUT/kernels.json"
+    run 120 $PY scripts/measure_train_memory.py --out "$OUT/train_memory.json"
+    ;;
+erc)
+    if [[ ${#data_args[@]} -eq 0 ]]; then
+        echo "erc: no $SHARED/data/meld and $SHARED/tokenizer/llama2/tokenizer.model; copy ../shared there and carry it" \
+            | tee -a "$log" >&2
+        exit 2
+    fi
+    # our configurations one after the other, then the HF baselines, on the same batches: ratios from one run
+    run 560 $PY bench.py --mode erc "${data_args[@]}" --out "$OUT" \
+        --variants base,packing,packing+flex,packing+fused,packing+fused+compile
+    ;;
+fixed)
+    run 400 $PY bench.py --mode fixed --seq-len 512 --eval-examples 0 --out "$OUT" \
+        --variants base,fused,fused+compile
+    ;;
+*)
+    echo "unknown part $part: check, erc or fixed" >&2; exit 2 ;;
+esac
