@@ -4,7 +4,8 @@ ERC supervises a handful of label tokens per example, so projecting every positi
 (B x T x V fp32 logits) would be almost all waste: the final hidden states are gathered at the supervised
 positions first, then projected, then cast to fp32 for the loss.
 
-Packed rows (engine/packing.py) pass per-row positions and a block-diagonal causal mask through to the model;
+Packed rows (engine/packing.py) pass per-row positions and a block-diagonal causal mask (a bool tensor, or a
+flex_attention BlockMask) through to the model;
 their labels are already -100 wherever a position would predict the next example's first token.
 
 The loss is a SUM; the loop scales it by 1 / (supervised tokens in the whole global batch), so that gradient
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask
 
 from .batching import IGNORE_INDEX
 
@@ -26,10 +28,10 @@ class SupervisedLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, labels: Tensor, positions: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | BlockMask | None = None) -> Tensor:
         """input_ids, labels: (B, T) -> summed fp32 CE of predicting labels[:, t+1] from position t.
 
-        positions (B, T) and mask (B, T, T) bool are optional, as in Transformer.hidden_states.
+        positions (B, T) and mask (B, T, T) bool or a BlockMask are optional, as in Transformer.hidden_states.
         """
         h = self.model.hidden_states(input_ids, positions, mask)  # (B, T, D)
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
