@@ -37,11 +37,17 @@ def _ops(use_kernels: bool):
 
 
 @functools.cache
-def _flex_attention(fused: bool):
-    """flex_attention compiled into one fused kernel (CUDA), or eager: the unfused reference that materialises
-    the scores. Compiled once per process; torch.compile generalises to dynamic shapes after the first change
-    of row length, so varying packed-row lengths do not recompile every step."""
-    return torch.compile(flex_attention) if fused else flex_attention
+def _compiled_flex_attention():
+    """flex_attention compiled into fused kernels, once per process. torch.compile generalises to dynamic shapes
+    after the first change of row length, so varying packed-row lengths do not recompile every step."""
+    return torch.compile(flex_attention)
+
+
+def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, enable_gqa: bool) -> Tensor:
+    """Fused flex_attention on CUDA; the eager call (the unfused reference that materialises the scores) on
+    other devices, and inside a block that is itself being compiled, where the enclosing graph fuses it."""
+    fn = flex_attention if torch.compiler.is_compiling() or not q.is_cuda else _compiled_flex_attention()
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
 class RMSNorm(nn.Module):
@@ -73,7 +79,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, Dh)
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, BlockMask):  # the same "query may see key" rule as a bool mask, tile-sparse
-            o = _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)  # (B, H, T, Dh)
+            o = _flex(q, k, v, mask, gqa)  # (B, H, T, Dh)
         else:
             # mask None: plain causal attention; else a bool (B, 1, T, T) "query may see key" mask, which
             # confines attention to each packed example or scores several continuations of one prompt at once
