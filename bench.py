@@ -327,6 +327,8 @@ def markdown(report: dict) -> str:
              f"matmul {report['matmul_tflops']:.3g} TFLOP/s", ""]
     if report["device_type"] == "cpu":
         lines += ["**CPU smoke run of the harness (tiny config): not a performance measurement.**", ""]
+    if not report["complete"]:
+        lines += ["**Partial report: the run stopped before every system had run.**", ""]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     lines += ["| system | step (ms) | tokens/s | supervised tokens/s | MFU | peak alloc (GB) | peak reserved (GB) |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -367,6 +369,43 @@ def model_config(args, vocab_size: int | None) -> ModelConfig:
     return replace(cfg, vocab_size=vocab_size) if vocab_size else cfg
 
 
+def build_report(args, rt, mcfg, batches, runs, systems, failed, evals, peak_tflops, date: str,
+                 complete: bool) -> dict:
+    """The JSON report from what has been measured so far (written after every system, so a run cut short by a
+    time limit still leaves the systems it finished)."""
+    device = rt.device
+    evals = {**evals, "speedup": _ratio(evals.get("ours_utt_per_s"), evals.get("hf_utt_per_s"))} if evals else None
+    ours_names = [n for n, v in runs if v is not None and n in systems]
+    headline = max(ours_names, key=lambda n: systems[n]["tokens_per_s"], default=None)
+    ratios = {f"{o} vs {h}": {"speedup": _ratio(systems[o]["tokens_per_s"], systems[h]["tokens_per_s"]),
+                              "memory_ratio": _ratio(systems[o]["peak_memory_gb"], systems[h]["peak_memory_gb"]),
+                              "overhead_ratio": _ratio(_overhead(systems[o]), _overhead(systems[h]))}
+              for o in ours_names for h in systems if h not in ours_names}
+    all_seqs = [s for b in batches for s in b]
+    mean_len = sum(len(s.ids) for s in all_seqs) / len(all_seqs)
+    recipe = ({n: RECIPE_EXAMPLES * RECIPE_EPOCHS * mean_len / r["tokens_per_s_aggregate"] / 60
+               for n, r in systems.items()} if args.mode == "erc" else {})
+    padded = sum(max(len(s.ids) for s in b) * len(b) for b in batches)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                                     platform.machine()),
+        "device_type": device.type, "mode": args.mode, "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "date": date,
+        "torch": torch.__version__, "complete": complete,
+        "config": {**{k: v for k, v in vars(args).items() if k not in ("systems", "variants")},
+                   "systems": list(args.systems), "variants": [v.spec for v in args.variants],
+                   "lora_targets": list(lora_targets(args)), "model_config": asdict(mcfg)},
+        "matmul_tflops": peak_tflops,
+        "batches": {"n_steps": len(batches), "mean_tokens_per_example": mean_len,
+                    "mean_supervised_per_example": sum(s.n_supervised for s in all_seqs) / len(all_seqs),
+                    "padding_fraction_right_padded": 1 - len(all_seqs) * mean_len / padded},
+        "systems": systems, "failed": failed, "baseline": BASELINE, "headline": headline,
+        "speedup": ratios.get(f"{headline} vs {BASELINE}", {}).get("speedup"),
+        "memory_ratio": ratios.get(f"{headline} vs {BASELINE}", {}).get("memory_ratio"),
+        "ratios": ratios, "recipe_minutes": recipe, "eval": evals,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rt = setup_runtime(args.device, args.dtype, args.kernels)
@@ -382,8 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     peak_tflops = matmul_tflops(device, rt.dtype)
     runs = [(("ours" if len(args.variants) == 1 else f"ours[{v.spec}]"), v) for v in args.variants
             if "ours" in args.systems] + [(n, None) for n in (BASELINE, "hf_peft_fp32") if n in args.systems]
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    name_of_device = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    slug = "".join(ch if ch.isalnum() else "-" for ch in name_of_device).strip("-").lower()[:40]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench-{args.mode}-{slug}-{date[:19].replace(':', '')}"
+
     systems, failed, evals = {}, {}, {}
-    for name, variant in runs:
+    for i, (name, variant) in enumerate(runs):
         _memory_start(device)
         try:  # one configuration failing (say, a compiler error) must not cost the others' numbers
             if variant is not None:
@@ -396,67 +442,30 @@ def main(argv: list[str] | None = None) -> int:
             net.train()
             systems[name] = {**time_training(step, batches, args.warmup, mcfg, device, peak_tflops),
                              "resident_gb_at_start": resident_gb, "variant": variant and variant.spec}
+            print(f"{name}: {systems[name]['tokens_per_s']:.0f} tokens/s, step "
+                  f"{1e3 * systems[name]['step_s']:.1f} ms", flush=True)
+            first_ours = variant is not None and "ours_utt_per_s" not in evals
+            if args.mode == "erc" and args.eval_examples and (first_ours or name == BASELINE):
+                prompts, candidates, words, labels = eval_data(args, tok)
+                evals["n_examples"] = len(prompts)
+                if variant is not None:
+                    evals["ours_utt_per_s"] = time_ours_eval(net, prompts, candidates, labels, args, pad_id, device)
+                    evals["ours_system"] = name
+                else:
+                    evals["hf_utt_per_s"], evals["hf_matched_fraction"] = time_hf_eval(
+                        net, prompts, candidates, words, args, tok, device)
         except Exception as e:  # noqa: BLE001 - reported in the JSON and on stderr, then the next system runs
             if len(runs) == 1:
                 raise
             failed[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: FAILED {failed[name]}", file=sys.stderr, flush=True)
-            net = step = None
-            continue
-        print(f"{name}: {systems[name]['tokens_per_s']:.0f} tokens/s, step {1e3 * systems[name]['step_s']:.1f} ms",
-              flush=True)
-        first_ours = variant is not None and "ours_utt_per_s" not in evals
-        if args.mode == "erc" and args.eval_examples and (first_ours or name == BASELINE):
-            prompts, candidates, words, labels = eval_data(args, tok)
-            evals["n_examples"] = len(prompts)
-            if variant is not None:
-                evals["ours_utt_per_s"] = time_ours_eval(net, prompts, candidates, labels, args, pad_id, device)
-                evals["ours_system"] = name
-            else:
-                evals["hf_utt_per_s"], evals["hf_matched_fraction"] = time_hf_eval(
-                    net, prompts, candidates, words, args, tok, device)
-        del net, step
+        net = step = None  # noqa: F841 - drop the system before the next one is built
+        report = build_report(args, rt, mcfg, batches, runs, systems, failed, evals, peak_tflops, date,
+                              complete=i == len(runs) - 1)
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(report))
     _memory_start(device)
-    if evals:
-        evals["speedup"] = _ratio(evals.get("ours_utt_per_s"), evals.get("hf_utt_per_s"))
-
-    ours_names = [n for n, v in runs if v is not None and n in systems]
-    headline = max(ours_names, key=lambda n: systems[n]["tokens_per_s"], default=None)
-    ratios = {f"{o} vs {h}": {"speedup": _ratio(systems[o]["tokens_per_s"], systems[h]["tokens_per_s"]),
-                              "memory_ratio": _ratio(systems[o]["peak_memory_gb"], systems[h]["peak_memory_gb"]),
-                              "overhead_ratio": _ratio(_overhead(systems[o]), _overhead(systems[h]))}
-              for o in ours_names for h in systems if h not in ours_names}
-    all_seqs = [s for b in batches for s in b]
-    mean_len = sum(len(s.ids) for s in all_seqs) / len(all_seqs)
-    recipe = ({n: RECIPE_EXAMPLES * RECIPE_EPOCHS * mean_len / r["tokens_per_s_aggregate"] / 60
-               for n, r in systems.items()} if args.mode == "erc" else {})
-    padded = sum(max(len(s.ids) for s in b) * len(b) for b in batches)
-    report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                                     platform.machine()),
-        "device_type": device.type, "mode": args.mode, "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "config": {**{k: v for k, v in vars(args).items() if k not in ("systems", "variants")},
-                   "systems": list(args.systems), "variants": [v.spec for v in args.variants],
-                   "lora_targets": list(lora_targets(args)), "model_config": asdict(mcfg)},
-        "matmul_tflops": peak_tflops,
-        "batches": {"n_steps": len(batches), "mean_tokens_per_example": mean_len,
-                    "mean_supervised_per_example": sum(s.n_supervised for s in all_seqs) / len(all_seqs),
-                    "padding_fraction_right_padded": 1 - len(all_seqs) * mean_len / padded},
-        "systems": systems, "failed": failed, "baseline": BASELINE, "headline": headline,
-        "speedup": ratios.get(f"{headline} vs {BASELINE}", {}).get("speedup"),
-        "memory_ratio": ratios.get(f"{headline} vs {BASELINE}", {}).get("memory_ratio"),
-        "ratios": ratios, "recipe_minutes": recipe, "eval": evals or None,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in report["device"]).strip("-").lower()[:40] or device.type
-    stem = f"bench-{args.mode}-{slug}-{report['date'][:19].replace(':', '')}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (out / f"{stem}.md").write_text(table)
-    print(table + f"wrote {out / stem}.json and .md")
+    print(markdown(report) + f"wrote {stem}.json and .md")
     return 0
 
 
