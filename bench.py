@@ -9,8 +9,9 @@ Systems (each built, run and freed in turn, on identical batches):
                   projected onto the vocabulary at supervised positions only; optional packing (engine/packing.py)
                   with a bool SDPA mask or a flex_attention BlockMask, the fused LoRA autograd
                   (model/lora_fused.py), Triton kernels and torch.compile of each block. --variants runs several
-                  such configurations one after the other as systems `ours[packing+flex]` etc.; the headline
-                  ratios use the fastest of them (named in the report as `headline`).
+                  such configurations one after the other as systems `ours[packing+flex]` etc. (`selective`:
+                  selective activation checkpointing, model/llama.py); the headline ratios use the fastest of
+                  them (named in the report as `headline`).
     hf_peft_bf16  transformers LlamaForCausalLM (SDPA) + PEFT LoRA, adapters kept in bf16
                   (get_peft_model(..., autocast_adapter_dtype=False)); the baseline the ratios use.
     hf_peft_fp32  the same with PEFT's default fp32 adapters.
@@ -79,16 +80,18 @@ RECIPE_EXAMPLES, RECIPE_EPOCHS = 22_700, 5  # DialogueLLM: MELD + IEMOCAP + Emor
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration of our engine; parsed from "base" or a '+'-joined subset of packing, flex, fused, compile."""
+    """One configuration of our engine: "base" or a '+'-joined subset of packing, flex, fused, compile, selective."""
     packing: bool = False
     flex: bool = False  # packed rows through flex_attention BlockMasks instead of a bool SDPA mask
     fused_lora: bool = False
     compile: bool = False
+    selective: bool = False  # selective activation checkpointing (with --checkpointing on; HF stays full)
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
         tokens = [] if spec == "base" else spec.split("+")
-        names = {"packing": "packing", "flex": "flex", "fused": "fused_lora", "compile": "compile"}
+        names = {"packing": "packing", "flex": "flex", "fused": "fused_lora", "compile": "compile",
+                 "selective": "selective"}
         if not tokens and spec != "base" or set(tokens) - set(names) or len(set(tokens)) != len(tokens):
             raise ValueError(f"--variants: {spec!r} must be 'base' or a '+'-joined subset of {', '.join(names)}")
         v = cls(**{names[t]: True for t in tokens})
@@ -99,7 +102,7 @@ class Variant:
     @property
     def spec(self) -> str:
         on = [t for t, f in (("packing", self.packing), ("flex", self.flex), ("fused", self.fused_lora),
-                             ("compile", self.compile)) if f]
+                             ("compile", self.compile), ("selective", self.selective)) if f]
         return "+".join(on) or "base"
 
 
@@ -158,6 +161,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                  if on) or "base")])
     except ValueError as e:
         p.error(str(e))
+    if args.checkpointing == "off" and any(v.selective for v in args.variants):
+        p.error("--variants: selective checkpointing needs --checkpointing on")
     return args
 
 
@@ -210,8 +215,8 @@ def lora_targets(args) -> tuple[str, ...]:
 
 
 def build_ours(args, variant: Variant, rt, vocab_size: int | None):
-    net, mcfg = build_base_model(args.model, rt, vocab_size=vocab_size, seed=args.seed,
-                                 checkpointing=args.checkpointing == "on")
+    checkpointing = "none" if args.checkpointing == "off" else "selective" if variant.selective else "full"
+    net, mcfg = build_base_model(args.model, rt, vocab_size=vocab_size, seed=args.seed, checkpointing=checkpointing)
     torch.manual_seed(args.seed)
     apply_lora(net, LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout, lora_targets(args)),
                verbose=False)

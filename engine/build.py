@@ -34,7 +34,7 @@ def resolve_tokenizer_path(cfg: TrainConfig) -> Path:
 
 
 def build_base_model(model: str, rt: Runtime, *, vocab_size: int | None = None, seed: int = 0,
-                     checkpointing: bool = False) -> tuple[Transformer, ModelConfig]:
+                     checkpointing: bool | str = "none") -> tuple[Transformer, ModelConfig]:
     """A checkpoint directory is loaded; a preset name gets random N(0, 0.02) weights (vocab from the tokenizer)."""
     if Path(model).is_dir():
         net = load_pretrained(model, dtype=rt.dtype, device=rt.device)
@@ -60,7 +60,7 @@ def build_base_model(model: str, rt: Runtime, *, vocab_size: int | None = None, 
 
 def build_lora_model(cfg: TrainConfig, rt: Runtime, vocab_size: int | None) -> tuple[Transformer, ModelConfig]:
     net, mcfg = build_base_model(cfg.model, rt, vocab_size=vocab_size, seed=cfg.seed,
-                                 checkpointing=cfg.activation_checkpointing == "full")
+                                 checkpointing=cfg.activation_checkpointing)
     torch.manual_seed(cfg.seed)  # adapter init (kaiming A) is seeded independently of the base weights
     apply_lora(net, lora_config(cfg), verbose=rt.is_main)
     set_lora_fused(net, cfg.fused_lora)

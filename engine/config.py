@@ -22,7 +22,7 @@ class TrainConfig:
     dtype: str = "bf16"  # base weights and activations: bf16 | fp32 (adapters and optimizer are always fp32)
     device: str = "auto"  # auto | cpu | cuda
     kernels: str = "auto"  # Triton kernels: auto (on for CUDA) | on | off
-    activation_checkpointing: str = "full"  # none | full (per transformer block, non-reentrant)
+    activation_checkpointing: str = "full"  # none | full | selective (per block, non-reentrant; model/llama.py)
     # LoRA
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -64,7 +64,7 @@ class TrainConfig:
         _check_choice("dtype", self.dtype, ("bf16", "fp32"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("kernels", self.kernels, ("auto", "on", "off"))
-        _check_choice("activation_checkpointing", self.activation_checkpointing, ("none", "full"))
+        _check_choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
         _check_choice("packed_attention", self.packed_attention, ("sdpa", "flex"))
         if self.packed_attention == "flex" and not self.packing:
             raise ValueError("--packed_attention flex applies to packed rows: add --packing")

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import kernels
 from kernels import REFERENCE
@@ -34,6 +34,22 @@ def _ops(use_kernels: bool):
     if use_kernels:
         return kernels.rms_norm, kernels.swiglu, kernels.apply_rope
     return REFERENCE.rms_norm, REFERENCE.swiglu, REFERENCE.apply_rope
+
+
+CHECKPOINTING = ("none", "full", "selective")  # activation checkpointing per transformer block
+
+# What selective checkpointing keeps: the outputs of the matmuls and of attention, the ops whose recomputation
+# costs FLOPs. Everything else in a block (norms, rotary, SwiGLU, dropout, casts, adds) is recomputed in
+# backward from them, which costs a pass over memory, not a GEMM. Names that a torch build lacks are skipped.
+_aten = torch.ops.aten
+_KEPT_OPS = frozenset(getattr(getattr(_aten, name), "default") for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    if hasattr(_aten, name))
+
+
+def _keep_matmul_outputs(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @functools.cache
@@ -114,9 +130,11 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """LLaMA 2. `use_kernels` picks the Triton ops; `checkpointing` recomputes each block in backward."""
+    """LLaMA 2. `use_kernels` picks the Triton ops. `checkpointing` (CHECKPOINTING; True/False mean full/none):
+    "full" keeps only each block's input and recomputes the block in backward; "selective" also keeps the
+    block's matmul and attention outputs and recomputes only the cheap ops between them."""
 
-    def __init__(self, cfg: ModelConfig, *, use_kernels: bool = False, checkpointing: bool = False):
+    def __init__(self, cfg: ModelConfig, *, use_kernels: bool = False, checkpointing: bool | str = "none"):
         super().__init__()
         self.config = cfg
         self.use_kernels = use_kernels
@@ -125,6 +143,17 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    @property
+    def checkpointing(self) -> str:
+        return self._checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, mode: bool | str) -> None:
+        mode = ("full" if mode else "none") if isinstance(mode, bool) else mode
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)} (or a bool), got {mode!r}")
+        self._checkpointing = mode
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -162,10 +191,13 @@ class Transformer(nn.Module):
             mask = mask[:, None]  # (B, 1, T, T): shared by all heads
         cos, sin = REFERENCE.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(tokens)  # (B, T, D)
+        selective = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmul_outputs)}
         for layer in self.layers:
-            if self.checkpointing and torch.is_grad_enabled():
-                # non-reentrant: works with frozen inputs and keeps autograd hooks exact
-                h = checkpoint(layer, h, cos, sin, self.use_kernels, mask, use_reentrant=False)
+            if self.checkpointing != "none" and torch.is_grad_enabled():
+                # non-reentrant: works with frozen inputs and keeps autograd hooks exact; the RNG state is
+                # replayed, so recomputed dropout draws the same masks
+                h = checkpoint(layer, h, cos, sin, self.use_kernels, mask, use_reentrant=False,
+                               **(selective if self.checkpointing == "selective" else {}))
             else:
                 h = layer(h, cos, sin, self.use_kernels, mask)
         return self.norm(h, self.use_kernels)

@@ -8,7 +8,7 @@ backward. With x2 = x flattened to (N, in), m the dropout keep-mask and c = 1 / 
 Why: the eager graph is eight autograd nodes (the base linear, dropout, two casts, two linears, the scale
 and the add), and it saves x_d (N, in) in the activation dtype beside the dropout mask (on CPU, a noise
 tensor in x's dtype), h (N, r) and copies of A and B cast to x's dtype. Here the scaled add runs in the
-second GEMM's epilogue (addmm_, alpha=s), and backward keeps only x (alive anyway: the residual stream and
+base GEMM's epilogue (addmm, beta=s), and backward keeps only x (alive anyway: the residual stream and
 the sibling projections hold it), the bool mask (1 byte an element, versus x_d's 2 or 4), xa (N, r), and
 W, A, B themselves (parameters: no cast copies). x_d is rebuilt in backward from x and the mask.
 Cast points as in the eager path: A and B are cast to x's dtype for the matmuls, and their grads come back
@@ -46,8 +46,9 @@ class LoRALinearFunction(torch.autograd.Function):
             x_d, mask = x2, None
         xa = x_d @ a.T  # (N, r)
         del x_d  # never saved: backward rebuilds it from x and the mask
-        y = torch.mm(x2, weight.T)  # (N, out)
-        y.addmm_(xa, b.T, alpha=scale)  # y += s * xa B^T, in the GEMM epilogue
+        # y = s * (xa B^T) + x2 W^T: the rank-r product is the big GEMM's C matrix, added in its epilogue
+        # (beta=s). Out of place, so that selective activation checkpointing may cache the GEMM outputs.
+        y = torch.addmm(torch.mm(xa, b.T), x2, weight.T, beta=scale)  # (N, out)
         ctx.save_for_backward(x, mask, xa, weight, lora_a, lora_b)  # A, B fp32: the parameters, no copies
         ctx.scale, ctx.p = scale, p
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)

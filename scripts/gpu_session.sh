@@ -2,6 +2,7 @@
 # Everything a lent GPU session measures, in parts that each fit one 10-minute device call.
 #
 #   bash scripts/gpu_session.sh check   # GPU tests (kernels, flex_attention, fused LoRA), kernel bench, 7B memory
+#                                       (full and selective activation checkpointing)
 #   bash scripts/gpu_session.sh erc     # bench.py on real MELD batches: our variants vs HF + PEFT, eval throughput
 #   bash scripts/gpu_session.sh fixed   # bench.py, fixed-length rows of 512: MFU
 #
@@ -39,6 +40,7 @@ check)
     run 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests
     run 180 $PY -m kernels.bench --out "$OUT/kernels.json"
     run 120 $PY scripts/measure_train_memory.py --out "$OUT/train_memory.json"
+    run 120 $PY scripts/measure_train_memory.py --checkpointing selective --out "$OUT/train_memory_selective.json"
     ;;
 erc)
     if [[ ${#data_args[@]} -eq 0 ]]; then
@@ -48,11 +50,11 @@ erc)
     fi
     # our configurations one after the other, then the HF baselines, on the same batches: ratios from one run
     run 560 $PY bench.py --mode erc "${data_args[@]}" --out "$OUT" \
-        --variants base,packing,packing+flex,packing+fused,packing+fused+compile
+        --variants base,packing,packing+flex,packing+fused,packing+selective,packing+fused+selective,packing+fused+selective+compile
     ;;
 fixed)
     run 400 $PY bench.py --mode fixed --seq-len 512 --eval-examples 0 --out "$OUT" \
-        --variants base,fused,fused+compile
+        --variants base,fused,selective,fused+selective,fused+selective+compile
     ;;
 *)
     echo "unknown part $part: check, erc or fixed" >&2; exit 2 ;;

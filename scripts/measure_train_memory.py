@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--kernels", default="auto", choices=("auto", "on", "off"))
-    p.add_argument("--checkpointing", default="full", choices=("none", "full"))
+    p.add_argument("--checkpointing", default="full", choices=("none", "full", "selective"))
     p.add_argument("--micro_batch", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--supervised", type=int, default=4, help="supervised tokens at the end of each row (ERC-like); "
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     rt = setup_runtime(args.device, args.dtype, args.kernels)
-    model, mcfg = build_base_model(args.preset, rt, seed=0, checkpointing=args.checkpointing == "full")
+    model, mcfg = build_base_model(args.preset, rt, seed=0, checkpointing=args.checkpointing)
     apply_lora(model, LoRAConfig(rank=args.rank, alpha=2 * args.rank, dropout=0.05,
                                  targets=tuple(args.targets.split(","))))
     loss_fn = SupervisedLoss(model)

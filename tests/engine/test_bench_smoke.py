@@ -71,3 +71,9 @@ def test_bench_variants_run_side_by_side_and_a_failure_is_recorded(tmp_path):
 def test_bench_rejects_bad_variants(spec):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--variants", f"base,{spec}" if spec else "base,,+"])
+
+
+def test_bench_selective_variant_needs_checkpointing():
+    assert bench.parse_args(["--device", "cpu", "--variants", "packing+selective"]).variants[0].selective
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--checkpointing", "off", "--variants", "selective"])

@@ -167,7 +167,7 @@ def test_flex_flag_errors(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("checkpointing", ["none", "full"])
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
 def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing):
     """The training twin on CUDA: compiled flex_attention gives the bool-mask SDPA loss and adapter gradients."""
     cfg = base_cfg(tmp_path, device="cuda", dtype=dtype, kernels="on", activation_checkpointing=checkpointing)
