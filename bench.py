@@ -1,7 +1,7 @@
 """Training and evaluation throughput: this engine vs transformers + PEFT, one after the other, same device.
 
     python bench.py --mode erc   [--packing] [--packed-attention flex] [--fused-lora] [--compile] [--kernels on|off]
-    python bench.py --mode erc   --variants base,packing,packing+flex,packing+fused,packing+fused+compile
+    python bench.py --mode erc   --variants base,packing,packing+prefix,packing+flex,packing+fused+selective+compile
     python bench.py --mode fixed [--seq-len 512]
 
 Systems (each built, run and freed in turn, on identical batches):
@@ -9,9 +9,10 @@ Systems (each built, run and freed in turn, on identical batches):
                   projected onto the vocabulary at supervised positions only; optional packing (engine/packing.py)
                   with a bool SDPA mask or a flex_attention BlockMask, the fused LoRA autograd
                   (model/lora_fused.py), Triton kernels and torch.compile of each block. --variants runs several
-                  such configurations one after the other as systems `ours[packing+flex]` etc. (`selective`:
-                  selective activation checkpointing, model/llama.py); the headline ratios use the fastest of
-                  them (named in the report as `headline`).
+                  such configurations one after the other as systems `ours[packing+flex]` etc. (`prefix`: the
+                  prompts' common instruction held once per packed row, engine/packing.py; `selective`: selective
+                  activation checkpointing, model/llama.py); the headline ratios use the fastest of them (named in
+                  the report as `headline`).
     hf_peft_bf16  transformers LlamaForCausalLM (SDPA) + PEFT LoRA, adapters kept in bf16
                   (get_peft_model(..., autocast_adapter_dtype=False)); the baseline the ratios use.
     hf_peft_fp32  the same with PEFT's default fp32 adapters.
@@ -26,6 +27,9 @@ Batches: --mode erc takes real ERC training examples (DialogueLLM prompts from M
 engine.data.training_sequences), so the padding waste is what users see; --mode fixed takes random rows of
 --seq-len tokens, every token supervised.
 
+tokens/s counts the examples' tokens (pads never), whatever a system does to compute them: a shared prefix is
+computed once per row but counted for every example, as the same training data is processed. MFU, in contrast,
+counts only the block matmuls actually run (`computed_token_fraction` in the report), so no variant inflates it.
 Timing: CUDA-synchronised wall clock per step; the first --warmup steps are excluded and rates are medians over
 the --steps measured steps. Memory: torch.cuda.max_memory_allocated / max_memory_reserved from just after the
 model is built (weights included) to the end of its steps; `overhead_ratio` compares the peaks above each
@@ -66,7 +70,7 @@ from engine.data import load_example_set, prompt_config, training_sequences
 from engine.decode import predict_labels
 from engine.loss import SupervisedLoss
 from engine.optim import make_optimizer, trainable_parameters
-from engine.packing import pack
+from engine.packing import pack, shared_prefix_length
 from engine.runtime import setup_runtime
 from model.config import ModelConfig, from_hf_config, preset
 from model.lora import VALID_TARGETS, LoRAConfig, apply_lora, set_lora_fused
@@ -80,29 +84,32 @@ RECIPE_EXAMPLES, RECIPE_EPOCHS = 22_700, 5  # DialogueLLM: MELD + IEMOCAP + Emor
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration of our engine: "base" or a '+'-joined subset of packing, flex, fused, compile, selective."""
+    """One configuration of our engine: "base" or a '+'-joined subset of packing, flex, prefix, fused, compile,
+    selective."""
     packing: bool = False
     flex: bool = False  # packed rows through flex_attention BlockMasks instead of a bool SDPA mask
     fused_lora: bool = False
     compile: bool = False
     selective: bool = False  # selective activation checkpointing (with --checkpointing on; HF stays full)
+    share_prefix: bool = False  # packed rows hold the examples' common prompt prefix once
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
         tokens = [] if spec == "base" else spec.split("+")
-        names = {"packing": "packing", "flex": "flex", "fused": "fused_lora", "compile": "compile",
-                 "selective": "selective"}
+        names = {"packing": "packing", "flex": "flex", "prefix": "share_prefix", "fused": "fused_lora",
+                 "compile": "compile", "selective": "selective"}
         if not tokens and spec != "base" or set(tokens) - set(names) or len(set(tokens)) != len(tokens):
             raise ValueError(f"--variants: {spec!r} must be 'base' or a '+'-joined subset of {', '.join(names)}")
         v = cls(**{names[t]: True for t in tokens})
-        if v.flex and not v.packing:
-            raise ValueError(f"--variants: {spec!r}: flex applies to packed rows, add packing")
+        if (v.flex or v.share_prefix) and not v.packing:
+            raise ValueError(f"--variants: {spec!r}: flex and prefix apply to packed rows, add packing")
         return v
 
     @property
     def spec(self) -> str:
-        on = [t for t, f in (("packing", self.packing), ("flex", self.flex), ("fused", self.fused_lora),
-                             ("compile", self.compile), ("selective", self.selective)) if f]
+        on = [t for t, f in (("packing", self.packing), ("flex", self.flex), ("prefix", self.share_prefix),
+                             ("fused", self.fused_lora), ("compile", self.compile), ("selective", self.selective))
+              if f]
         return "+".join(on) or "base"
 
 
@@ -131,6 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--packing", action="store_true", help="ours: pack each micro-batch into rows of <= max-len")
     p.add_argument("--packed-attention", choices=("sdpa", "flex"), default="sdpa",
                    help="ours, packed rows: bool-mask SDPA or flex_attention BlockMasks")
+    p.add_argument("--share-prefix", action="store_true", help="ours, packed rows: the common prompt prefix once a row")
     p.add_argument("--fused-lora", action="store_true", help="ours: the fused LoRA autograd (model/lora_fused.py)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto", help="ours: Triton kernels")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer block")
@@ -157,6 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.variants = ([Variant.parse(v) for v in args.variants.split(",") if v] if args.variants else
                          [Variant.parse("+".join(t for t, on in (("packing", args.packing),
                                                                  ("flex", args.packed_attention == "flex"),
+                                                                 ("prefix", args.share_prefix),
                                                                  ("fused", args.fused_lora), ("compile", args.compile))
                                                  if on) or "base")])
     except ValueError as e:
@@ -196,11 +205,19 @@ def fixed_sequences(n: int, length: int, vocab: int, seed: int) -> list[Sequence
     return [Sequence(tuple(r), tuple(r)) for r in rows]  # every token supervised, like plain LM fine-tuning
 
 
-def model_flops(seqs: list[Sequence], mcfg) -> float:
-    """Model FLOPs of one training step on `seqs` (module docstring)."""
+def block_params(mcfg) -> int:
     kv = mcfg.n_kv_heads * mcfg.head_dim
-    p_blocks = mcfg.n_layers * (mcfg.dim * (2 * mcfg.dim + 2 * kv) + 3 * mcfg.dim * mcfg.hidden_dim)
+    return mcfg.n_layers * (mcfg.dim * (2 * mcfg.dim + 2 * kv) + 3 * mcfg.dim * mcfg.hidden_dim)
+
+
+def model_flops(seqs: list[Sequence], mcfg, computed_tokens: int | None = None) -> float:
+    """Model FLOPs of one training step on `seqs` (module docstring). computed_tokens: the tokens the model was
+    actually fed, when fewer than the examples' (a shared prefix is computed once per row): the block matmuls
+    are counted for those only, so that MFU is never inflated by work that was not done."""
+    p_blocks = block_params(mcfg)
     total = 0.0
+    if computed_tokens is not None:
+        total -= 4 * p_blocks * (sum(len(s.ids) for s in seqs) - computed_tokens)
     for s in seqs:
         L = len(s.ids)
         total += 4 * p_blocks * L + 4 * mcfg.dim * mcfg.vocab_size * s.n_supervised
@@ -233,15 +250,18 @@ def ours_step(net, args, variant: Variant, rt, pad_id: int):
     opt = make_optimizer(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
     def step(seqs: list[Sequence]) -> torch.Tensor:
-        batch = (pack(seqs, pad_id, args.max_len, flex=variant.flex) if variant.packing
+        batch = (pack(seqs, pad_id, args.max_len, flex=variant.flex, share_prefix=variant.share_prefix)
+                 if variant.packing
                  else Batch(*collate(seqs, pad_id))).to(rt.device)
         loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
         loss = loss / sum(s.n_supervised for s in seqs)
+        prefix = shared_prefix_length(seqs) if variant.share_prefix else 0  # held once a row, not per example
+        computed = sum(len(s.ids) - prefix for s in seqs) + prefix * batch.ids.shape[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach(), computed
     return step
 
 
@@ -249,18 +269,21 @@ def ours_step(net, args, variant: Variant, rt, pad_id: int):
 
 def time_training(step, batches: list[list[Sequence]], warmup: int, mcfg, device, peak_tflops: float) -> dict:
     """Run every batch through `step`; per-step rates over the measured (post-warm-up) steps."""
-    times, losses = [], []
+    times, losses, computed = [], [], []
     for seqs in batches:
         sync(device)
         t0 = time.perf_counter()
-        losses.append(step(seqs))
+        loss, n_computed = step(seqs)
         sync(device)
         times.append(time.perf_counter() - t0)
-    measured = list(zip(times[warmup:], batches[warmup:]))
-    tok = [sum(len(s.ids) for s in b) / t for t, b in measured]
-    sup = [sum(s.n_supervised for s in b) / t for t, b in measured]
-    mfu = [model_flops(b, mcfg) / t / (peak_tflops * 1e12) for t, b in measured]
-    out = {"step_s": statistics.median(t for t, _ in measured), "tokens_per_s": statistics.median(tok),
+        losses.append(loss)
+        computed.append(n_computed)
+    measured = list(zip(times[warmup:], batches[warmup:], computed[warmup:]))
+    tok = [sum(len(s.ids) for s in b) / t for t, b, _ in measured]
+    sup = [sum(s.n_supervised for s in b) / t for t, b, _ in measured]
+    mfu = [model_flops(b, mcfg, c) / t / (peak_tflops * 1e12) for t, b, c in measured]
+    measured = [(t, b) for t, b, _ in measured]
+    out = {"computed_token_fraction": sum(computed) / sum(len(s.ids) for b in batches for s in b),"step_s": statistics.median(t for t, _ in measured), "tokens_per_s": statistics.median(tok),
            "supervised_tokens_per_s": statistics.median(sup), "mfu": statistics.median(mfu),
            "tokens_per_s_aggregate": sum(sum(len(s.ids) for s in b) for _, b in measured) / sum(t for t, _ in measured),
            "step_s_all": times, "loss_first": float(losses[0]), "loss_last": float(losses[-1])}

@@ -68,7 +68,7 @@ def hf_step(pm, args, rt, pad_id: int):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
+        return out.loss.detach(), sum(len(s.ids) for s in seqs)  # the tokens it computed (pads aside)
     return step
 
 

@@ -21,6 +21,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from data import IGNORE_INDEX, pad_batch  # IGNORE_INDEX: -100, the label cross-entropy skips
 
+PAD_SEGMENT = -1  # segment id of padding in packed rows
+SHARED_SEGMENT = -2  # segment id of a packed row's shared prompt prefix, which every example of the row sees
+
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class Batch:
     labels: Tensor  # (B, T) aligned with ids; -100 where nothing is supervised
     positions: Tensor | None = None  # (B, T) rotary positions, restarting at 0 for each packed example
     mask: Tensor | None = None  # (B, T, T) bool, True where query t may attend to key s
-    segments: Tensor | None = None  # (B, T) example index within its row, -1 on padding
+    segments: Tensor | None = None  # (B, T) example index within its row; PAD_SEGMENT, SHARED_SEGMENT
 
     def to(self, device: torch.device) -> "Batch":
         def move(t):
@@ -103,15 +106,23 @@ def causal_mask(visible: Tensor, real: Tensor) -> Tensor:
     return (causal & visible & real[:, :, None] & real[:, None, :]) | eye  # (B, T, T)
 
 
+def segment_mask(segments: Tensor) -> Tensor:
+    """segments (B, T) -> bool (B, T, T), the packed rows' attention rule: query t sees key s when s <= t and s is
+    in t's own example or in the row's shared prefix; a pad sees only itself, so no softmax row is empty."""
+    seen = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == SHARED_SEGMENT)  # (B, T, T)
+    return causal_mask(seen, segments != PAD_SEGMENT)
+
+
 def flex_block_mask(segments: Tensor) -> BlockMask:
-    """segments (B, T), -1 on padding -> the BlockMask twin of causal_mask(same segment, real): query t sees key s
-    when s <= t in the same example, and a pad sees only itself. Tiles no query of which sees any key of are
-    skipped by flex_attention: the cross-example tiles of a packed row cost nothing."""
+    """segments (B, T) -> the BlockMask twin of segment_mask, the same rule evaluated per (query, key) index.
+    Tiles no query of which sees any key of are skipped by flex_attention: the cross-example tiles of a packed
+    row cost nothing."""
     B, T = segments.shape
 
     def visible(b, h, q, kv):  # flex_attention's mask_mod, evaluated on index tensors
-        same = segments[b, q] == segments[b, kv]
-        return ((kv <= q) & same & (segments[b, q] >= 0)) | (q == kv)
+        seg_q, seg_kv = segments[b, q], segments[b, kv]
+        real = (seg_q != PAD_SEGMENT) & (seg_kv != PAD_SEGMENT)
+        return ((kv <= q) & real & ((seg_q == seg_kv) | (seg_kv == SHARED_SEGMENT))) | (q == kv)
     return create_block_mask(visible, B, None, T, T, device=segments.device)
 
 

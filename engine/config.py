@@ -37,6 +37,7 @@ class TrainConfig:
     max_len: int = 512
     packing: bool = False  # pack each micro-batch's examples into rows of <= max_len tokens (no padding waste)
     packed_attention: str = "sdpa"  # with --packing: sdpa (bool block-diagonal mask) | flex (BlockMask; CUDA only)
+    share_prefix: bool = False  # with --packing: each row holds the examples' common prompt prefix once
     # optimisation
     micro_batch: int = 8
     grad_accum: int = 16  # global batch = micro_batch * grad_accum * world_size (the paper: 128)
@@ -68,6 +69,8 @@ class TrainConfig:
         _check_choice("packed_attention", self.packed_attention, ("sdpa", "flex"))
         if self.packed_attention == "flex" and not self.packing:
             raise ValueError("--packed_attention flex applies to packed rows: add --packing")
+        if self.share_prefix and not self.packing:
+            raise ValueError("--share_prefix applies to packed rows: add --packing")
         for name in ("lora_rank", "max_len", "micro_batch", "grad_accum", "log_every", "save_every", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")

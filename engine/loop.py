@@ -113,8 +113,8 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             loss_sum = torch.zeros((), device=rt.device)
             for j, idx in enumerate(micro_batches):
                 seqs = [train_seqs[i] for i in idx]
-                batch = (pack(seqs, pad_id, cfg.max_len, flex=cfg.packed_attention == "flex") if cfg.packing
-                         else Batch(*collate(seqs, pad_id)))
+                batch = (pack(seqs, pad_id, cfg.max_len, flex=cfg.packed_attention == "flex",
+                              share_prefix=cfg.share_prefix) if cfg.packing else Batch(*collate(seqs, pad_id)))
                 batch = batch.to(rt.device)  # ids, labels (b, T); packed: positions (b, T), mask or segments
                 last = j == len(micro_batches) - 1
                 with nullcontext() if (last or not rt.distributed) else loss_fn.no_sync():

@@ -1,4 +1,4 @@
-"""Padding-free micro-batches: several examples per row, each attending only to itself.
+"""Padding-free micro-batches: several examples per row, each attending only to itself (and a shared prefix).
 
 ERC examples vary a lot in length (a short target with little context vs a long one), so right-padding a
 micro-batch to its longest example spends much of its compute on pads. Packing places the micro-batch's
@@ -11,19 +11,33 @@ rows' tails. Per row:
     segment     0  0  0  0 |  1  1  1 |  -1  -1          example index within the row, -1 on padding
     mask[t, s]  = s <= t and segment[s] == segment[t]     block-diagonal causal (pads see only themselves)
 
-so every example computes exactly the hidden states it has alone in a padded row. With `flex=True` the batch
-carries the segments instead of the (B, T, T) mask, and the BlockMask is built from them on the device
-(Batch.attention_mask, engine/batching.py). The loss predicts
+so every example computes exactly the hidden states it has alone in a padded row. The loss predicts
 labels[t + 1] from position t; at a boundary that would predict e1's first token from e0's last, so each
 example's first label is set to -100 (it never has a predecessor of its own, and `Sequence.n_supervised`
 does not count it either). The summed loss over supervised tokens is therefore the same sum as unpacked.
+
+Shared prefix (`share_prefix=True`): DialogueLLM prompts all begin with the same instruction (49 of the ~108
+tokens of a MELD prompt), and under causal attention a prefix's hidden states do not depend on what follows
+it. So each row holds the micro-batch's common prefix once, followed by every example's remainder:
+
+    ids        p  p  p | e0 e0 | e1 e1 e1 | pad          the prefix p is computed once per row, not per example
+    positions   0  1  2 |  3  4 |  3  4  5 |   0          each remainder continues the prefix's positions
+    segment    -2 -2 -2 |  0  0 |  1  1  1 |  -1          -2: seen by every example of the row
+    mask[t, s]  = s <= t and (segment[s] == segment[t] or segment[s] == -2)
+
+Each example again computes exactly its own hidden states, and the gradients that reach the prefix are the sum
+of what each example's own copy would receive. The prefix stops before any supervised label's predecessor, so
+no supervised token is lost (shared_prefix_length). One difference remains when LoRA dropout is on: the
+prefix's dropout mask is drawn once per row rather than once per example (the same distribution per token,
+shared by the row's examples).
+With `flex=True` the batch carries the segments instead of the (B, T, T) mask, and the BlockMask is built from
+them on the device (Batch.attention_mask, engine/batching.py).
 """
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from .batching import IGNORE_INDEX, Batch, Sequence, causal_mask
+from .batching import IGNORE_INDEX, PAD_SEGMENT, SHARED_SEGMENT, Batch, Sequence, segment_mask
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -45,32 +59,44 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def block_causal_mask(segments: Tensor) -> Tensor:
-    """segments (B, T), -1 on padding -> bool (B, T, T): causal within each example; a pad sees only itself,
-    so no softmax row is empty."""
-    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    return causal_mask(same, segments != -1)
+def shared_prefix_length(seqs: list[Sequence]) -> int:
+    """Tokens every sequence starts with, cut so that each keeps at least one token of its own and every supervised
+    label's predecessor (label j is predicted from position j - 1) stays in the example's own segment."""
+    n = min(len(s.ids) for s in seqs) - 1
+    first = seqs[0].ids
+    for s in seqs:
+        n = min(n, next((i for i in range(n) if s.ids[i] != first[i]), n))
+        supervised = [j for j, y in enumerate(s.labels) if j > 0 and y != IGNORE_INDEX]
+        if supervised:
+            n = min(n, supervised[0] - 1)
+    return max(n, 0)
 
 
-def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False) -> Batch:
+def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, share_prefix: bool = False) -> Batch:
     """Pack `seqs` into rows of at most max_len tokens -> Batch with ids, labels, positions (B, T) and either
-    mask (B, T, T) for SDPA or, with flex=True, segments (B, T) for a flex_attention BlockMask."""
-    rows = first_fit_decreasing([len(s.ids) for s in seqs], max_len)
-    T = max(sum(len(seqs[i].ids) for i in row) for row in rows)
+    mask (B, T, T) for SDPA or, with flex=True, segments (B, T) for a flex_attention BlockMask. share_prefix:
+    each row starts with the sequences' common prefix once (module docstring)."""
+    P = shared_prefix_length(seqs) if share_prefix else 0
+    rows = first_fit_decreasing([len(s.ids) - P for s in seqs], max_len - P)
+    T = max(P + sum(len(seqs[i].ids) - P for i in row) for row in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), T), dtype=torch.long)
-    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    segments = torch.full((len(rows), T), PAD_SEGMENT, dtype=torch.long)
     for r, row in enumerate(rows):
-        start = 0
+        ids[r, :P] = torch.tensor(seqs[row[0]].ids[:P], dtype=torch.long)  # the prefix: unsupervised
+        positions[r, :P] = torch.arange(P)
+        segments[r, :P] = SHARED_SEGMENT
+        start = P
         for k, i in enumerate(row):
             s = seqs[i]
-            end = start + len(s.ids)
-            ids[r, start:end] = torch.tensor(s.ids)
-            labels[r, start + 1:end] = torch.tensor(s.labels[1:], dtype=torch.long)  # first label: see docstring
-            positions[r, start:end] = torch.arange(len(s.ids))
+            end = start + len(s.ids) - P
+            ids[r, start:end] = torch.tensor(s.ids[P:])
+            # the segment's first label is never predicted from within it (see the docstring)
+            labels[r, start + 1:end] = torch.tensor(s.labels[P + 1:], dtype=torch.long)
+            positions[r, start:end] = torch.arange(P, len(s.ids))
             segments[r, start:end] = k
             start = end
     if flex:
         return Batch(ids, labels, positions, segments=segments)
-    return Batch(ids, labels, positions, block_causal_mask(segments))
+    return Batch(ids, labels, positions, segment_mask(segments))

@@ -50,7 +50,7 @@ erc)
     fi
     # our configurations one after the other, then the HF baselines, on the same batches: ratios from one run
     run 560 $PY bench.py --mode erc "${data_args[@]}" --out "$OUT" \
-        --variants base,packing,packing+flex,packing+fused,packing+selective,packing+fused+selective,packing+fused+selective+compile
+        --variants base,packing,packing+prefix,packing+flex,packing+prefix+fused,packing+prefix+selective,packing+prefix+fused+selective,packing+prefix+fused+selective+compile
     ;;
 fixed)
     run 400 $PY bench.py --mode fixed --seq-len 512 --eval-examples 0 --out "$OUT" \

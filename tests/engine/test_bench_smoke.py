@@ -67,7 +67,7 @@ def test_bench_variants_run_side_by_side_and_a_failure_is_recorded(tmp_path):
     assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["flex", "packing+packing", "packing+turbo", ""])
+@pytest.mark.parametrize("spec", ["flex", "prefix", "packing+packing", "packing+turbo", ""])
 def test_bench_rejects_bad_variants(spec):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--variants", f"base,{spec}" if spec else "base,,+"])
@@ -77,3 +77,19 @@ def test_bench_selective_variant_needs_checkpointing():
     assert bench.parse_args(["--device", "cpu", "--variants", "packing+selective"]).variants[0].selective
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--checkpointing", "off", "--variants", "selective"])
+
+
+def test_bench_shared_prefix_counts_examples_tokens_and_computed_ones(tmp_path):
+    """ERC prompts share their instruction: the prefix variant computes fewer tokens than the examples hold,
+    tokens/s still counts the examples' tokens, and MFU counts only what was computed."""
+    texts = [u.text for d in load_dialogues("meld", DEMO_DATA, "train") for u in d.utterances]
+    tok = tmp_path / "tokenizer.model"
+    train_tokenizer(texts + list(MELD_LABELS) + ["Identify the emotion of the target utterance"], 400, tok)
+    assert bench.main([*TINY, "--mode", "erc", "--meld", str(DEMO_DATA), "--tokenizer", str(tok), "--micro-batch", "4",
+                       "--eval-examples", "0", "--systems", "ours", "--variants", "packing,packing+prefix",
+                       "--out", str(tmp_path / "out")]) == 0
+    r = _report(tmp_path / "out")
+    plain, shared = r["systems"]["ours[packing]"], r["systems"]["ours[packing+prefix]"]
+    assert plain["computed_token_fraction"] == 1.0
+    assert 0.3 < shared["computed_token_fraction"] < 0.9
+    assert shared["loss_first"] == pytest.approx(plain["loss_first"], rel=1e-4)  # the same examples, the same loss

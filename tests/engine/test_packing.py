@@ -6,7 +6,8 @@ from engine.batching import IGNORE_INDEX, Batch, Sequence, collate
 from engine.config import TrainConfig, parse_config
 from engine.loop import train_loop
 from engine.loss import SupervisedLoss
-from engine.packing import block_causal_mask, first_fit_decreasing, pack
+from engine.batching import segment_mask
+from engine.packing import first_fit_decreasing, pack, shared_prefix_length
 
 from .helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_setup
 
@@ -44,9 +45,9 @@ def test_pack_layout():
     assert int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) == n_sup
 
 
-def test_block_causal_mask_pads_first_segment():
+def test_segment_mask_pads_first_segment():
     seg = torch.tensor([[0, 0, 1, -1]])
-    assert block_causal_mask(seg)[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert segment_mask(seg)[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
 
 
 @pytest.mark.parametrize("kernels", ["off", "on"])
@@ -100,7 +101,7 @@ def test_packing_flag():
 # ---------------------------------------------------------------- flex_attention BlockMask twin
 
 def test_flex_pack_has_same_layout_and_mask_rule():
-    """pack(flex=True) carries segments instead of the mask, and the BlockMask's rule is block_causal_mask's."""
+    """pack(flex=True) carries segments instead of the mask, and the BlockMask's rule is segment_mask's."""
     from torch.nn.attention.flex_attention import create_mask
 
     seqs = _sequences(9, seed=3)
@@ -113,7 +114,7 @@ def test_flex_pack_has_same_layout_and_mask_rule():
     B, T = flex.ids.shape
     dense = create_mask(bm.mask_mod, B, 1, T, T, device="cpu")[:, 0]  # (B, T, T) evaluated at every index pair
     assert torch.equal(dense, sdpa.mask)
-    assert torch.equal(block_causal_mask(flex.segments), sdpa.mask)
+    assert torch.equal(segment_mask(flex.segments), sdpa.mask)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager: the unfused reference
@@ -168,7 +169,8 @@ def test_flex_flag_errors(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
-def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing):
+@pytest.mark.parametrize("share", [False, True])
+def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing, share):
     """The training twin on CUDA: compiled flex_attention gives the bool-mask SDPA loss and adapter gradients."""
     cfg = base_cfg(tmp_path, device="cuda", dtype=dtype, kernels="on", activation_checkpointing=checkpointing)
     _, model, _ = tiny_setup(cfg)
@@ -177,7 +179,7 @@ def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing):
             if name.endswith("lora_b"):
                 p.normal_(0.0, 0.1)
     loss_fn = SupervisedLoss(model)
-    seqs = _sequences(16, seed=5)
+    seqs = _with_prefix(_sequences(16, seed=5), prefix=tuple(range(40, 49)))
 
     def loss_and_grads(batch: Batch):
         model.zero_grad(set_to_none=True)
@@ -186,10 +188,109 @@ def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing):
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    loss_a, grads_a = loss_and_grads(pack(seqs, pad_id=0, max_len=64))
-    loss_b, grads_b = loss_and_grads(pack(seqs, pad_id=0, max_len=64, flex=True))
+    loss_a, grads_a = loss_and_grads(pack(seqs, pad_id=0, max_len=64, share_prefix=share))
+    loss_b, grads_b = loss_and_grads(pack(seqs, pad_id=0, max_len=64, flex=True, share_prefix=share))
     tol = (1e-4, 1e-5) if dtype == "fp32" else (2e-2, 2e-2)
     torch.testing.assert_close(loss_b, loss_a, rtol=tol[0], atol=tol[1])
     for name, g in grads_a.items():
         assert g.abs().max() > 0, name
         torch.testing.assert_close(grads_b[name], g, rtol=tol[0], atol=tol[1] * g.abs().max().item(), msg=name)
+
+
+# ---------------------------------------------------------------- shared prompt prefix
+
+def _with_prefix(seqs: list[Sequence], prefix: tuple[int, ...]) -> list[Sequence]:
+    """The same examples behind a common instruction, as DialogueLLM prompts are."""
+    return [Sequence(prefix + s.ids, (IGNORE_INDEX,) * len(prefix) + s.labels) for s in seqs]
+
+
+def test_shared_prefix_length():
+    x = IGNORE_INDEX
+    a = Sequence((1, 2, 3, 4, 5, 6), (x, x, x, x, x, 6))
+    b = Sequence((1, 2, 3, 4, 9, 9), (x, x, x, x, x, 9))
+    assert shared_prefix_length([a, b]) == 4  # the common tokens
+    c = Sequence((1, 2, 3, 7), (x, x, x, 7))
+    assert shared_prefix_length([a, c]) == 2  # c's label 3 is predicted from position 2: c keeps it
+    assert shared_prefix_length([a, Sequence((1, 2), (x, 2))]) == 0
+    assert shared_prefix_length([a, a]) == 4  # identical rows still keep their supervised predecessor
+    assert shared_prefix_length([Sequence((1, 2, 3), (x, x, x))] * 2) == 2  # and at least one token each
+
+
+def test_pack_shared_prefix_layout():
+    x = IGNORE_INDEX
+    a = Sequence((1, 2, 3, 11, 12), (x, x, x, x, 12))
+    b = Sequence((1, 2, 3, 21, 22, 23), (x, x, x, x, 22, 23))
+    batch = pack([a, b], pad_id=0, max_len=9, share_prefix=True)  # prefix 3, then b (3) and a (2): one row
+    assert batch.ids.tolist() == [[1, 2, 3, 21, 22, 23, 11, 12]]
+    assert batch.positions.tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
+    assert batch.labels.tolist() == [[x, x, x, x, 22, 23, x, 12]]
+    m = batch.mask[0].int().tolist()
+    assert m[6] == [1, 1, 1, 0, 0, 0, 1, 0]  # a's first token: the prefix and itself, not b
+    assert m[5] == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert m[2] == [1, 1, 1, 0, 0, 0, 0, 0]  # the prefix sees only the prefix
+    n_sup = a.n_supervised + b.n_supervised
+    assert int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) == n_sup
+    flex = pack([a, b], pad_id=0, max_len=9, share_prefix=True, flex=True)
+    assert flex.segments.tolist() == [[-2, -2, -2, 0, 0, 0, 1, 1]]
+
+
+def test_shared_prefix_loss_and_grads_match_unpacked(tmp_path):
+    cfg = base_cfg(tmp_path)
+    _, model, _ = tiny_setup(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    loss_fn = SupervisedLoss(model)
+    seqs = _with_prefix(_sequences(7), prefix=tuple(range(40, 52)))
+
+    def loss_and_grads(batch: Batch):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    padded = Batch(*collate(seqs, pad_id=0))
+    shared = pack(seqs, pad_id=0, max_len=64, share_prefix=True)
+    P = shared_prefix_length(seqs)
+    assert P == 11  # not 12: the fully supervised rows' first own label is predicted from the prefix's end
+    assert shared.ids.shape[0] < len(seqs) and (shared.ids[:, :P] == torch.arange(40, 40 + P)).all()
+    segments = pack(seqs, pad_id=0, max_len=64, share_prefix=True, flex=True).segments
+    assert int((segments == -2).sum()) == P * shared.ids.shape[0], "the prefix is held once a row"
+    loss_a, grads_a = loss_and_grads(padded)
+    loss_b, grads_b = loss_and_grads(shared)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
+    for name, g in grads_a.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shared_prefix_training_matches_unpacked(tmp_path):
+    seqs = _with_prefix(_sequences(24), prefix=tuple(range(40, 50)))
+    kw = dict(micro_batch=4, grad_accum=2, max_steps=3, adam_eps=ADAM_EPS, lr=1.0, max_len=64)
+    runs = {}
+    for share in (False, True):
+        cfg = base_cfg(tmp_path / str(share), packing=share, share_prefix=share, **kw)
+        rt, model, mcfg = tiny_setup(cfg)
+        train_loop(cfg, rt, model, mcfg, seqs, pad_id=0)
+        runs[share] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for name, x in runs[False].items():
+        torch.testing.assert_close(runs[True][name], x, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_shared_prefix_flex_mask_rule():
+    from torch.nn.attention.flex_attention import create_mask
+
+    seqs = _with_prefix(_sequences(9, seed=6), prefix=(7, 8, 9, 10, 11))
+    sdpa = pack(seqs, pad_id=0, max_len=48, share_prefix=True)
+    flex = pack(seqs, pad_id=0, max_len=48, share_prefix=True, flex=True)
+    assert (flex.segments == -2).any() and (flex.segments == -1).any()
+    B, T = flex.ids.shape
+    dense = create_mask(flex.attention_mask().mask_mod, B, 1, T, T, device="cpu")[:, 0]
+    assert torch.equal(dense, sdpa.mask)
+
+
+def test_share_prefix_flag():
+    assert parse_config(TrainConfig, ["--packing", "--share_prefix"]).share_prefix is True
+    with pytest.raises(ValueError, match="add --packing"):
+        parse_config(TrainConfig, ["--share_prefix"])
