@@ -1,12 +1,18 @@
 """Label-restricted decoding: score every candidate label's full token sequence after the prompt, take the best.
 
-One forward pass per example scores all C candidates: the row is  prompt | cand_1 | cand_2 | ... | cand_C,
-each candidate sees the whole prompt and its own earlier tokens only (never another candidate), and its
-positions continue from the prompt's end, as if it were the only continuation. So the prompt is encoded
-once per example, and labels that share token prefixes (`sad` and `sadness`, which end differently: one
-with EOS, the other with more pieces) are still scored exactly:
+One forward pass scores all C candidates of a batch of examples. Each example contributes  prompt | cand_1 |
+cand_2 | ... | cand_C; each candidate sees its example's whole prompt and its own earlier tokens only (never
+another candidate), and its positions continue from the prompt's end, as if it were the only continuation.
+So the prompt is encoded once per example, and labels that share token prefixes (`sad` and `sadness`, which
+end differently: one with EOS, the other with more pieces) are still scored exactly:
 
     score(c) = sum_j log p(c_j | prompt, c_<j),      p(label) = softmax over candidates of score
+
+The batch's examples are packed into rows (first-fit decreasing), and the prompts' common prefix (the
+instruction every DialogueLLM prompt starts with) is held once at the start of each row, seen by every
+example of the row, as in training (engine/packing.py):
+
+    prefix | prompt_0 rest | cands of 0 | prompt_1 rest | cands of 1 | ... | pad
 
 A prediction is therefore always one of the labels, unlike free generation followed by string matching.
 """
@@ -17,25 +23,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .batching import causal_mask
+from .batching import PAD_SEGMENT, SHARED_SEGMENT, causal_mask
+from .packing import first_fit_decreasing
+
+PROMPT = -1  # `owner` of an example's prompt tokens; candidate k's tokens have owner k
 
 
 @dataclass(frozen=True)
 class PackedRow:
-    ids: list[int]  # prompt followed by every candidate
+    """One example's part of a row: its prompt after the shared prefix, then every candidate."""
+    ids: list[int]
     positions: list[int]
-    owner: list[int]  # -1 for prompt tokens, k for tokens of candidate k
-    targets: list[tuple[int, int, int]]  # (candidate k, position whose logits predict, token id)
+    owner: list[int]  # PROMPT for prompt tokens, k for tokens of candidate k
+    targets: list[tuple[int, int, int]]  # (candidate k, index whose logits predict, token id), indices in ids
 
 
-def pack_prompt_with_candidates(prompt: list[int], candidates: list[list[int]]) -> PackedRow:
-    if not prompt:
-        raise ValueError("empty prompt: a candidate needs at least one token to condition on")
-    ids, positions, owner, targets = list(prompt), list(range(len(prompt))), [-1] * len(prompt), []
+def pack_prompt_with_candidates(prompt: list[int], candidates: list[list[int]], start: int = 0) -> PackedRow:
+    """The example's tokens from prompt[start:] on (the first `start` are the row's shared prefix)."""
+    if len(prompt) <= start:
+        raise ValueError(f"prompt of {len(prompt)} tokens: a candidate needs a prompt token after the {start} "
+                         "shared ones to condition on")
+    ids, owner, targets = list(prompt[start:]), [PROMPT] * (len(prompt) - start), []
+    positions = list(range(start, len(prompt)))
     for k, cand in enumerate(candidates):
         if not cand:
             raise ValueError(f"candidate {k} has no tokens")
-        prev = len(prompt) - 1  # the first candidate token is predicted from the prompt's last position
+        prev = len(prompt) - start - 1  # the first candidate token is predicted from the prompt's last position
         for j, tok in enumerate(cand):
             targets.append((k, prev, tok))
             prev = len(ids)
@@ -45,44 +58,67 @@ def pack_prompt_with_candidates(prompt: list[int], candidates: list[list[int]]) 
     return PackedRow(ids, positions, owner, targets)
 
 
-def candidate_mask(owner: Tensor) -> Tensor:
-    """owner: (B, T), -1 = prompt, k = candidate k, -2 = padding -> bool (B, T, T) query-may-see-key.
+def candidate_mask(example: Tensor, owner: Tensor) -> Tensor:
+    """example (B, T): example index within the row, SHARED_SEGMENT for the shared prefix, PAD_SEGMENT on padding;
+    owner (B, T): PROMPT or candidate k -> bool (B, T, T) query-may-see-key.
 
-    A query sees earlier keys of the prompt and earlier keys of its own candidate; padding sees itself only
-    (so no row of the softmax is empty).
+    A query sees earlier keys of the shared prefix, of its example's prompt and of its own candidate; padding
+    sees itself only (so no row of the softmax is empty).
     """
-    q, k = owner[:, :, None], owner[:, None, :]  # (B, T, 1), (B, 1, T)
-    return causal_mask((k == -1) | (k == q), owner != -2)
+    ex_q, ex_k = example[:, :, None], example[:, None, :]  # (B, T, 1), (B, 1, T)
+    own_q, own_k = owner[:, :, None], owner[:, None, :]
+    same_example = (ex_k == ex_q) & ((own_k == PROMPT) | (own_k == own_q))
+    return causal_mask((ex_k == SHARED_SEGMENT) | same_example, example != PAD_SEGMENT)
+
+
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Tokens all prompts start with, leaving each at least one of its own."""
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = min(n, next((i for i in range(n) if p[i] != prompts[0][i]), n))
+    return max(n, 0)
 
 
 @torch.no_grad()
 def score_candidates(model: nn.Module, prompts: list[list[int]], candidates: list[list[int]], *,
-                     pad_id: int, batch_size: int = 8) -> Tensor:
-    """Summed log-probability of each candidate after each prompt: (N, C) fp32 on CPU."""
+                     pad_id: int, batch_size: int = 8, max_row_len: int = 1024) -> Tensor:
+    """Summed log-probability of each candidate after each prompt: (N, C) fp32 on CPU.
+
+    batch_size examples go through one forward pass, packed into rows of at most max_row_len tokens (or the
+    longest single example, if that is longer).
+    """
     device = next(model.parameters()).device
-    scores = torch.empty(len(prompts), len(candidates))
+    scores = torch.zeros(len(prompts), len(candidates))
     for start in range(0, len(prompts), batch_size):
-        rows = [pack_prompt_with_candidates(p, candidates) for p in prompts[start:start + batch_size]]
-        T = max(len(r.ids) for r in rows)
+        chunk = prompts[start:start + batch_size]
+        P = common_prefix(chunk)
+        items = [pack_prompt_with_candidates(p, candidates, P) for p in chunk]
+        rows = first_fit_decreasing([len(it.ids) for it in items], max(max_row_len, P + max(len(it.ids)
+                                                                                         for it in items)) - P)
+        T = max(P + sum(len(items[i].ids) for i in row) for row in rows)
         ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
         pos = torch.zeros((len(rows), T), dtype=torch.long)
-        owner = torch.full((len(rows), T), -2, dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r.ids)
-            ids[i, :n], pos[i, :n], owner[i, :n] = torch.tensor(r.ids), torch.tensor(r.positions), torch.tensor(r.owner)
-        mask = candidate_mask(owner)
-        h = model.hidden_states(ids.to(device), pos.to(device), mask.to(device))  # (b, T, D)
+        example = torch.full((len(rows), T), PAD_SEGMENT, dtype=torch.long)
+        owner = torch.full((len(rows), T), PROMPT, dtype=torch.long)
+        at: list[tuple[int, int, int, int, int]] = []  # (example, candidate, row, column, token) per target
+        for r, row in enumerate(rows):
+            ids[r, :P] = torch.tensor(chunk[0][:P], dtype=torch.long)  # the shared prefix, once a row
+            pos[r, :P] = torch.arange(P)
+            example[r, :P] = SHARED_SEGMENT
+            col = P
+            for e, i in enumerate(row):
+                it, n = items[i], len(items[i].ids)
+                ids[r, col:col + n], pos[r, col:col + n] = torch.tensor(it.ids), torch.tensor(it.positions)
+                example[r, col:col + n], owner[r, col:col + n] = e, torch.tensor(it.owner)
+                at += [(start + i, k, r, col + j, tok) for k, j, tok in it.targets]
+                col += n
+        mask = candidate_mask(example, owner)
+        h = model.hidden_states(ids.to(device), pos.to(device), mask.to(device))  # (rows, T, D)
         # only the positions that predict a candidate token reach the vocabulary projection
-        row_idx = torch.tensor([i for i, r in enumerate(rows) for _ in r.targets], device=device)
-        col_idx = torch.tensor([t[1] for r in rows for t in r.targets], device=device)
-        tok = torch.tensor([t[2] for r in rows for t in r.targets], device=device)
-        logp = torch.log_softmax(model.output(h[row_idx, col_idx]).float(), dim=-1)  # (n_targets, V)
-        token_logp = logp.gather(1, tok[:, None])[:, 0].cpu()  # (n_targets,)
-        block = torch.zeros(len(rows), len(candidates))
-        flat = [(i, t[0]) for i, r in enumerate(rows) for t in r.targets]
-        block.index_put_((torch.tensor([f[0] for f in flat]), torch.tensor([f[1] for f in flat])), token_logp,
-                         accumulate=True)
-        scores[start:start + len(rows)] = block
+        ex_idx, cand_idx, row_idx, col_idx, tok = (torch.tensor(c) for c in zip(*at))
+        logp = torch.log_softmax(model.output(h[row_idx.to(device), col_idx.to(device)]).float(), dim=-1)
+        token_logp = logp.gather(1, tok.to(device)[:, None])[:, 0].cpu()  # (n_targets,)
+        scores.index_put_((ex_idx, cand_idx), token_logp, accumulate=True)
     return scores
 
 

@@ -1,7 +1,9 @@
 """Label-restricted decoding: packed scoring equals scoring each candidate in its own plain forward pass."""
+import pytest
 import torch
 
-from engine.decode import candidate_mask, pack_prompt_with_candidates, predict_labels, score_candidates
+from engine.decode import (candidate_mask, common_prefix, pack_prompt_with_candidates, predict_labels,
+                           score_candidates)
 from model import Transformer, preset
 
 
@@ -30,7 +32,42 @@ def test_candidate_mask_isolates_candidates():
     row = pack_prompt_with_candidates([5, 6], [[7, 8], [9]])
     assert row.ids == [5, 6, 7, 8, 9] and row.positions == [0, 1, 2, 3, 2]
     assert row.targets == [(0, 1, 7), (0, 2, 8), (1, 1, 9)]
-    mask = candidate_mask(torch.tensor([row.owner + [-2]]))[0]
+    mask = candidate_mask(torch.tensor([[0] * 5 + [-1]]), torch.tensor([row.owner + [-1]]))[0]
     assert mask[4].tolist() == [True, True, False, False, True, False]  # cand 1 sees the prompt and itself
     assert mask[3].tolist() == [True, True, True, True, False, False]
     assert mask[5].tolist() == [False] * 5 + [True]  # padding sees only itself
+
+
+def test_candidate_mask_with_shared_prefix_and_two_examples():
+    # row: prefix (2) | example 0: prompt (1), cand 0 (1) | example 1: prompt (2), cand 0 (1) | pad
+    example = torch.tensor([[-2, -2, 0, 0, 1, 1, 1, -1]])
+    owner = torch.tensor([[-1, -1, -1, 0, -1, -1, 0, -1]])
+    m = candidate_mask(example, owner)[0].int().tolist()
+    assert m[1] == [1, 1, 0, 0, 0, 0, 0, 0]  # the prefix sees only the prefix
+    assert m[3] == [1, 1, 1, 1, 0, 0, 0, 0]  # example 0's candidate: prefix, its prompt, itself
+    assert m[6] == [1, 1, 0, 0, 1, 1, 1, 0]  # example 1's candidate never sees example 0
+    assert m[7] == [0] * 7 + [1]
+    row = pack_prompt_with_candidates([1, 2, 3, 4], [[7, 8]], start=2)
+    assert row.ids == [3, 4, 7, 8] and row.positions == [2, 3, 4, 5] and row.targets == [(0, 1, 7), (0, 2, 8)]
+
+
+@pytest.mark.parametrize("batch_size,max_row_len", [(1, 1024), (4, 1024), (4, 24), (8, 8)])
+def test_shared_prefix_rows_score_like_separate_forwards(batch_size, max_row_len):
+    """Prompts that share an instruction, several examples a row (or one a row when rows are short)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    instruction = [1, 50, 51, 52, 53, 54]
+    prompts = [instruction + rest for rest in ([60], [61, 62, 63], [60, 64], [65, 66, 67, 68, 69], [60, 64, 70])]
+    prompts.append(instruction[:3] + [71, 72])  # shares only part of the instruction
+    candidates = [[300, 2], [300, 301, 2], [302, 2]]
+    got = score_candidates(model, prompts, candidates, pad_id=0, batch_size=batch_size, max_row_len=max_row_len)
+    want = torch.tensor([[_naive_score(model, p, c) for c in candidates] for p in prompts])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_common_prefix_keeps_a_token_of_each_prompt():
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert common_prefix([[1], [1, 2]]) == 0
+    assert common_prefix([[4, 2], [1, 2]]) == 0
