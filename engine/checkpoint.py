@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-# Fields that may change between a run and its resume without changing the result.
+# Fields that may change between a run and its resume without changing the result (the implementation choices
+# compute the same function: kernels, checkpointing, the fused LoRA path, the packed rows' attention backend).
 RESUME_MUTABLE = {"resume", "log_every", "save_every", "keep_last", "eval_every", "eval_max_examples", "device",
-                  "kernels", "activation_checkpointing"}
+                  "kernels", "activation_checkpointing", "fused_lora", "packed_attention"}
 
 
 def checkpoint_dir(out_dir: str | Path) -> Path:
