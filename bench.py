@@ -54,7 +54,6 @@ import json
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -71,6 +70,7 @@ from engine.decode import predict_labels
 from engine.loss import SupervisedLoss
 from engine.optim import make_optimizer, trainable_parameters
 from engine.packing import pack, shared_prefix_length
+from engine.provenance import source_commit, source_dirty
 from engine.runtime import setup_runtime
 from model.config import ModelConfig, from_hf_config, preset
 from model.lora import VALID_TARGETS, LoRAConfig, apply_lora, set_lora_fused
@@ -328,14 +328,6 @@ def time_ours_eval(net, prompts, candidates, labels, args, pad_id: int, device) 
 
 # ---------------------------------------------------------------- report
 
-def _git(*cmd: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=10, cwd=ROOT)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _overhead(r: dict) -> float | None:
     """Peak memory above the resident model (weights, adapters): what training itself costs, GB."""
     return None if r["peak_memory_gb"] is None else r["peak_memory_gb"] - r["resident_gb_at_start"]
@@ -417,8 +409,8 @@ def build_report(args, rt, mcfg, batches, runs, systems, failed, evals, peak_tfl
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
                                                                                      platform.machine()),
-        "device_type": device.type, "mode": args.mode, "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "date": date,
+        "device_type": device.type, "mode": args.mode, "commit": source_commit(),
+        "dirty": source_dirty(), "date": date,
         "torch": torch.__version__, "complete": complete,
         "config": {**{k: v for k, v in vars(args).items() if k not in ("systems", "variants")},
                    "systems": list(args.systems), "variants": [v.spec for v in args.variants],

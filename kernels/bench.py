@@ -109,12 +109,15 @@ def _passes(fn: Callable, case: dict) -> dict[str, Callable[[], object]]:
 
 
 def _git_commit() -> str | None:
+    """HEAD, or GIT_COMMIT where the tree is a copy without .git (a lent GPU machine); kernels/ stays free of
+    engine/, so this is not engine.provenance."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+        commit = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return None
+        commit = ""
+    return commit or os.environ.get("GIT_COMMIT") or None
 
 
 def run(smoke: bool, reps: int, warmup: int, use_compile: bool, device: str) -> dict:

@@ -4,15 +4,17 @@
 #   bash scripts/gpu_session.sh check   # GPU tests (kernels, flex_attention, fused LoRA), kernel bench, 7B memory
 #                                       (full and selective activation checkpointing)
 #   bash scripts/gpu_session.sh erc     # bench.py on real MELD batches: our variants vs HF + PEFT, eval throughput
+#   bash scripts/gpu_session.sh erc32   # the same at micro-batch 32 (bigger GEMMs; the paper's global batch is 128)
 #   bash scripts/gpu_session.sh fixed   # bench.py, fixed-length rows of 512: MFU
 #
 # Results go to $OUT (the device tool's folder; default benchmarks/results/gpu) and are committed from there under
 # benchmarks/results/ with the device, date and commit they carry. The real MELD files and the LLaMA 2 tokenizer
 # are read from $SHARED (default .gpu/shared, an ignored folder: copy ../shared/data/meld and
 # ../shared/tokenizer there and carry it; they are never committed; the erc part stops without them). Each step has its own time limit, so one hang cannot take the
-# others' results with it; the step's log says what happened.
+# others' results with it; the step's log says what happened. The device receives the tree without .git, so
+# pass the commit it is: `GIT_COMMIT=<sha> bash scripts/gpu_session.sh check` (engine/provenance.py).
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh check|erc|fixed}
+part=${1:?usage: scripts/gpu_session.sh check|erc|erc32|fixed}
 OUT=${OUT:-benchmarks/results/gpu}
 SHARED=${SHARED:-.gpu/shared}
 PY=${PY:-python3}
@@ -34,7 +36,7 @@ fi
 
 case $part in
 check)
-    { nvidia-smi; git log -1 --format='commit %H %cI' 2>/dev/null
+    { nvidia-smi; echo "commit ${GIT_COMMIT:-unknown (set GIT_COMMIT)}"
       $PY -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,
 "transformers", transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name())'; } 2>&1 | tee -a "$log"
     run 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests
@@ -42,11 +44,16 @@ check)
     run 120 $PY scripts/measure_train_memory.py --out "$OUT/train_memory.json"
     run 120 $PY scripts/measure_train_memory.py --checkpointing selective --out "$OUT/train_memory_selective.json"
     ;;
-erc)
+erc|erc32)
     if [[ ${#data_args[@]} -eq 0 ]]; then
         echo "erc: no $SHARED/data/meld and $SHARED/tokenizer/llama2/tokenizer.model; copy ../shared there and carry it" \
             | tee -a "$log" >&2
         exit 2
+    fi
+    if [[ $part == erc32 ]]; then
+        run 560 $PY bench.py --mode erc "${data_args[@]}" --out "$OUT" --micro-batch 32 --eval-examples 0 \
+            --variants packing+prefix,packing+prefix+fused+selective
+        exit
     fi
     # our configurations one after the other, then the HF baselines, on the same batches: ratios from one run
     run 560 $PY bench.py --mode erc "${data_args[@]}" --out "$OUT" \
@@ -57,5 +64,5 @@ fixed)
         --variants base,fused,selective,fused+selective,fused+selective+compile
     ;;
 *)
-    echo "unknown part $part: check, erc or fixed" >&2; exit 2 ;;
+    echo "unknown part $part: check, erc, erc32 or fixed" >&2; exit 2 ;;
 esac

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.build import build_base_model  # noqa: E402
 from engine.loss import SupervisedLoss  # noqa: E402
 from engine.optim import make_optimizer, trainable_parameters  # noqa: E402
+from engine.provenance import source_commit, source_dirty  # noqa: E402
 from engine.runtime import peak_memory_gb, setup_runtime  # noqa: E402
 from model.lora import LoRAConfig, apply_lora  # noqa: E402
 
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu",
         "date": datetime.date.today().isoformat(),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent).stdout.strip(),
+        "commit": source_commit(), "dirty": source_dirty(),
         "config": {**vars(args), "out": str(args.out), "use_kernels": rt.use_kernels},
         "n_params": mcfg.n_params, "n_trainable": sum(p.numel() for p in params),
         "peak_memory_gb": peak_memory_gb(rt.device),
