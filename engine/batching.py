@@ -23,6 +23,7 @@ from data import IGNORE_INDEX, pad_batch  # IGNORE_INDEX: -100, the label cross-
 
 PAD_SEGMENT = -1  # segment id of padding in packed rows
 SHARED_SEGMENT = -2  # segment id of a packed row's shared prompt prefix, which every example of the row sees
+PROMPT = -1  # `owner` of an example's prompt tokens in label scoring (engine/decode.py); candidate k's are k
 
 
 
@@ -106,11 +107,17 @@ def causal_mask(visible: Tensor, real: Tensor) -> Tensor:
     return (causal & visible & real[:, :, None] & real[:, None, :]) | eye  # (B, T, T)
 
 
-def segment_mask(segments: Tensor) -> Tensor:
+def segment_mask(segments: Tensor, owner: Tensor | None = None) -> Tensor:
     """segments (B, T) -> bool (B, T, T), the packed rows' attention rule: query t sees key s when s <= t and s is
-    in t's own example or in the row's shared prefix; a pad sees only itself, so no softmax row is empty."""
-    seen = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == SHARED_SEGMENT)  # (B, T, T)
-    return causal_mask(seen, segments != PAD_SEGMENT)
+    in t's own example or in the row's shared prefix; a pad sees only itself, so no softmax row is empty.
+
+    owner (B, T), for label scoring: PROMPT on an example's prompt, k on its candidate k. Within an example a
+    query then sees the prompt and its own candidate only, never another candidate.
+    """
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    if owner is not None:
+        same &= (owner[:, None, :] == PROMPT) | (owner[:, None, :] == owner[:, :, None])
+    return causal_mask(same | (segments[:, None, :] == SHARED_SEGMENT), segments != PAD_SEGMENT)
 
 
 def flex_block_mask(segments: Tensor) -> BlockMask:

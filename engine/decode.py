@@ -23,10 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .batching import PAD_SEGMENT, SHARED_SEGMENT, causal_mask
-from .packing import first_fit_decreasing
-
-PROMPT = -1  # `owner` of an example's prompt tokens; candidate k's tokens have owner k
+from .batching import PAD_SEGMENT, PROMPT, SHARED_SEGMENT, segment_mask
+from .packing import common_prefix, first_fit_decreasing
 
 
 @dataclass(frozen=True)
@@ -56,27 +54,6 @@ def pack_prompt_with_candidates(prompt: list[int], candidates: list[list[int]], 
             positions.append(len(prompt) + j)
             owner.append(k)
     return PackedRow(ids, positions, owner, targets)
-
-
-def candidate_mask(example: Tensor, owner: Tensor) -> Tensor:
-    """example (B, T): example index within the row, SHARED_SEGMENT for the shared prefix, PAD_SEGMENT on padding;
-    owner (B, T): PROMPT or candidate k -> bool (B, T, T) query-may-see-key.
-
-    A query sees earlier keys of the shared prefix, of its example's prompt and of its own candidate; padding
-    sees itself only (so no row of the softmax is empty).
-    """
-    ex_q, ex_k = example[:, :, None], example[:, None, :]  # (B, T, 1), (B, 1, T)
-    own_q, own_k = owner[:, :, None], owner[:, None, :]
-    same_example = (ex_k == ex_q) & ((own_k == PROMPT) | (own_k == own_q))
-    return causal_mask((ex_k == SHARED_SEGMENT) | same_example, example != PAD_SEGMENT)
-
-
-def common_prefix(prompts: list[list[int]]) -> int:
-    """Tokens all prompts start with, leaving each at least one of its own."""
-    n = min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        n = min(n, next((i for i in range(n) if p[i] != prompts[0][i]), n))
-    return max(n, 0)
 
 
 @torch.no_grad()
@@ -112,7 +89,7 @@ def score_candidates(model: nn.Module, prompts: list[list[int]], candidates: lis
                 example[r, col:col + n], owner[r, col:col + n] = e, torch.tensor(it.owner)
                 at += [(start + i, k, r, col + j, tok) for k, j, tok in it.targets]
                 col += n
-        mask = candidate_mask(example, owner)
+        mask = segment_mask(example, owner)  # the shared prefix, the own prompt, the own candidate
         h = model.hidden_states(ids.to(device), pos.to(device), mask.to(device))  # (rows, T, D)
         # only the positions that predict a candidate token reach the vocabulary projection
         ex_idx, cand_idx, row_idx, col_idx, tok = (torch.tensor(c) for c in zip(*at))

@@ -59,17 +59,23 @@ def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def common_prefix(rows: list[list[int]] | list[tuple[int, ...]]) -> int:
+    """Tokens all rows start with, leaving each at least one of its own."""
+    n = min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        n = min(n, next((i for i in range(n) if r[i] != rows[0][i]), n))
+    return max(n, 0)
+
+
 def shared_prefix_length(seqs: list[Sequence]) -> int:
-    """Tokens every sequence starts with, cut so that each keeps at least one token of its own and every supervised
-    label's predecessor (label j is predicted from position j - 1) stays in the example's own segment."""
-    n = min(len(s.ids) for s in seqs) - 1
-    first = seqs[0].ids
+    """The sequences' common prefix, cut so that every supervised label's predecessor (label j is predicted from
+    position j - 1) stays in the example's own segment."""
+    n = common_prefix([s.ids for s in seqs])
     for s in seqs:
-        n = min(n, next((i for i in range(n) if s.ids[i] != first[i]), n))
         supervised = [j for j, y in enumerate(s.labels) if j > 0 and y != IGNORE_INDEX]
         if supervised:
             n = min(n, supervised[0] - 1)
-    return max(n, 0)
+    return n
 
 
 def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, share_prefix: bool = False) -> Batch:

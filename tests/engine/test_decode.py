@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from engine.decode import (candidate_mask, common_prefix, pack_prompt_with_candidates, predict_labels,
-                           score_candidates)
+from engine.batching import segment_mask
+from engine.decode import pack_prompt_with_candidates, predict_labels, score_candidates
+from engine.packing import common_prefix
 from model import Transformer, preset
 
 
@@ -32,7 +33,7 @@ def test_candidate_mask_isolates_candidates():
     row = pack_prompt_with_candidates([5, 6], [[7, 8], [9]])
     assert row.ids == [5, 6, 7, 8, 9] and row.positions == [0, 1, 2, 3, 2]
     assert row.targets == [(0, 1, 7), (0, 2, 8), (1, 1, 9)]
-    mask = candidate_mask(torch.tensor([[0] * 5 + [-1]]), torch.tensor([row.owner + [-1]]))[0]
+    mask = segment_mask(torch.tensor([[0] * 5 + [-1]]), torch.tensor([row.owner + [-1]]))[0]
     assert mask[4].tolist() == [True, True, False, False, True, False]  # cand 1 sees the prompt and itself
     assert mask[3].tolist() == [True, True, True, True, False, False]
     assert mask[5].tolist() == [False] * 5 + [True]  # padding sees only itself
@@ -42,7 +43,7 @@ def test_candidate_mask_with_shared_prefix_and_two_examples():
     # row: prefix (2) | example 0: prompt (1), cand 0 (1) | example 1: prompt (2), cand 0 (1) | pad
     example = torch.tensor([[-2, -2, 0, 0, 1, 1, 1, -1]])
     owner = torch.tensor([[-1, -1, -1, 0, -1, -1, 0, -1]])
-    m = candidate_mask(example, owner)[0].int().tolist()
+    m = segment_mask(example, owner)[0].int().tolist()
     assert m[1] == [1, 1, 0, 0, 0, 0, 0, 0]  # the prefix sees only the prefix
     assert m[3] == [1, 1, 1, 1, 0, 0, 0, 0]  # example 0's candidate: prefix, its prompt, itself
     assert m[6] == [1, 1, 0, 0, 1, 1, 1, 0]  # example 1's candidate never sees example 0
