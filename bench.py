@@ -84,33 +84,33 @@ RECIPE_EXAMPLES, RECIPE_EPOCHS = 22_700, 5  # DialogueLLM: MELD + IEMOCAP + Emor
 
 @dataclass(frozen=True)
 class Variant:
-    """One configuration of our engine: "base" or a '+'-joined subset of packing, flex, prefix, fused, compile,
-    selective."""
+    """One configuration of our engine: "base" or a '+'-joined subset of VARIANT_TOKENS."""
     packing: bool = False
     flex: bool = False  # packed rows through flex_attention BlockMasks instead of a bool SDPA mask
+    share_prefix: bool = False  # packed rows hold the examples' common prompt prefix once
     fused_lora: bool = False
     compile: bool = False
     selective: bool = False  # selective activation checkpointing (with --checkpointing on; HF stays full)
-    share_prefix: bool = False  # packed rows hold the examples' common prompt prefix once
+
+    def __post_init__(self) -> None:
+        if (self.flex or self.share_prefix) and not self.packing:
+            raise ValueError(f"variant {self.spec!r}: flex and prefix apply to packed rows, add packing")
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
         tokens = [] if spec == "base" else spec.split("+")
-        names = {"packing": "packing", "flex": "flex", "prefix": "share_prefix", "fused": "fused_lora",
-                 "compile": "compile", "selective": "selective"}
-        if not tokens and spec != "base" or set(tokens) - set(names) or len(set(tokens)) != len(tokens):
-            raise ValueError(f"--variants: {spec!r} must be 'base' or a '+'-joined subset of {', '.join(names)}")
-        v = cls(**{names[t]: True for t in tokens})
-        if (v.flex or v.share_prefix) and not v.packing:
-            raise ValueError(f"--variants: {spec!r}: flex and prefix apply to packed rows, add packing")
-        return v
+        if not tokens and spec != "base" or set(tokens) - set(VARIANT_TOKENS) or len(set(tokens)) != len(tokens):
+            raise ValueError(f"--variants: {spec!r} must be 'base' or a '+'-joined subset of "
+                             f"{', '.join(VARIANT_TOKENS)}")
+        return cls(**{VARIANT_TOKENS[t]: True for t in tokens})
 
     @property
     def spec(self) -> str:
-        on = [t for t, f in (("packing", self.packing), ("flex", self.flex), ("prefix", self.share_prefix),
-                             ("fused", self.fused_lora), ("compile", self.compile), ("selective", self.selective))
-              if f]
-        return "+".join(on) or "base"
+        return "+".join(t for t, field in VARIANT_TOKENS.items() if getattr(self, field)) or "base"
+
+
+VARIANT_TOKENS = {"packing": "packing", "flex": "flex", "prefix": "share_prefix", "fused": "fused_lora",
+                  "compile": "compile", "selective": "selective"}  # --variants token -> Variant field
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto", help="ours: Triton kernels")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer block")
     p.add_argument("--variants", default="", help="ours: several configurations, e.g. base,packing+flex "
-                   "(replaces --packing/--packed-attention/--fused-lora/--compile)")
+                   "(replaces --packing/--packed-attention/--share-prefix/--fused-lora/--compile)")
     p.add_argument("--systems", default=f"ours,{BASELINE},hf_peft_fp32", help="comma-separated subset to run")
     p.add_argument("--eval-examples", type=int, default=64, help="dev utterances for eval throughput (erc; 0: skip)")
     p.add_argument("--eval-batch", type=int, default=8)
@@ -163,11 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--systems: unknown {sorted(unknown)}")
     try:
         args.variants = ([Variant.parse(v) for v in args.variants.split(",") if v] if args.variants else
-                         [Variant.parse("+".join(t for t, on in (("packing", args.packing),
-                                                                 ("flex", args.packed_attention == "flex"),
-                                                                 ("prefix", args.share_prefix),
-                                                                 ("fused", args.fused_lora), ("compile", args.compile))
-                                                 if on) or "base")])
+                         [Variant(packing=args.packing, flex=args.packed_attention == "flex",
+                                  share_prefix=args.share_prefix, fused_lora=args.fused_lora, compile=args.compile)])
     except ValueError as e:
         p.error(str(e))
     if args.checkpointing == "off" and any(v.selective for v in args.variants):
