@@ -50,28 +50,36 @@ def test_segment_mask_pads_first_segment():
     assert segment_mask(seg)[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
 
 
-@pytest.mark.parametrize("kernels", ["off", "on"])
-def test_packed_loss_and_grads_match_unpacked(tmp_path, kernels):
-    cfg = base_cfg(tmp_path, kernels=kernels)
+def _live_model(cfg: TrainConfig):
+    """The tiny LoRA model with non-zero B: at init B = 0 would leave A's gradients zero."""
     _, model, _ = tiny_setup(cfg)
-    with torch.no_grad():  # B = 0 at init would leave A's gradients zero: give every adapter a gradient
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_b"):
-                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
-    loss_fn = SupervisedLoss(model)
-    seqs = _sequences(7)
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
 
-    def loss_and_grads(batch: Batch):
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+def _loss_and_grads(model, batch: Batch):
+    """Summed supervised loss and every adapter gradient of one micro-batch, on the model's device."""
+    model.zero_grad(set_to_none=True)
+    batch = batch.to(next(model.parameters()).device)
+    loss = SupervisedLoss(model)(batch.ids, batch.labels, batch.positions, batch.attention_mask())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kernels", ["off", "on"])
+def test_packed_loss_and_grads_match_unpacked(tmp_path, kernels):
+    model = _live_model(base_cfg(tmp_path, kernels=kernels))
+    seqs = _sequences(7)
 
     padded = Batch(*collate(seqs, pad_id=0))
     packed = pack(seqs, pad_id=0, max_len=48)
     assert packed.ids.shape[0] < len(seqs), "nothing was packed"
-    loss_a, grads_a = loss_and_grads(padded)
-    loss_b, grads_b = loss_and_grads(packed)
+    loss_a, grads_a = _loss_and_grads(model, padded)
+    loss_b, grads_b = _loss_and_grads(model, packed)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for name, g in grads_a.items():
         assert g.abs().max() > 0, name
@@ -172,24 +180,12 @@ def test_flex_flag_errors(tmp_path):
 @pytest.mark.parametrize("share", [False, True])
 def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing, share):
     """The training twin on CUDA: compiled flex_attention gives the bool-mask SDPA loss and adapter gradients."""
-    cfg = base_cfg(tmp_path, device="cuda", dtype=dtype, kernels="on", activation_checkpointing=checkpointing)
-    _, model, _ = tiny_setup(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_b"):
-                p.normal_(0.0, 0.1)
-    loss_fn = SupervisedLoss(model)
+    model = _live_model(base_cfg(tmp_path, device="cuda", dtype=dtype, kernels="on",
+                                 activation_checkpointing=checkpointing))
     seqs = _with_prefix(_sequences(16, seed=5), prefix=tuple(range(40, 49)))
 
-    def loss_and_grads(batch: Batch):
-        model.zero_grad(set_to_none=True)
-        batch = batch.to(torch.device("cuda"))
-        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    loss_a, grads_a = loss_and_grads(pack(seqs, pad_id=0, max_len=64, share_prefix=share))
-    loss_b, grads_b = loss_and_grads(pack(seqs, pad_id=0, max_len=64, flex=True, share_prefix=share))
+    loss_a, grads_a = _loss_and_grads(model, pack(seqs, pad_id=0, max_len=64, share_prefix=share))
+    loss_b, grads_b = _loss_and_grads(model, pack(seqs, pad_id=0, max_len=64, flex=True, share_prefix=share))
     tol = (1e-4, 1e-5) if dtype == "fp32" else (2e-2, 2e-2)
     torch.testing.assert_close(loss_b, loss_a, rtol=tol[0], atol=tol[1])
     for name, g in grads_a.items():
@@ -235,20 +231,8 @@ def test_pack_shared_prefix_layout():
 
 
 def test_shared_prefix_loss_and_grads_match_unpacked(tmp_path):
-    cfg = base_cfg(tmp_path)
-    _, model, _ = tiny_setup(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_b"):
-                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
-    loss_fn = SupervisedLoss(model)
+    model = _live_model(base_cfg(tmp_path))
     seqs = _with_prefix(_sequences(7), prefix=tuple(range(40, 52)))
-
-    def loss_and_grads(batch: Batch):
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     padded = Batch(*collate(seqs, pad_id=0))
     shared = pack(seqs, pad_id=0, max_len=64, share_prefix=True)
@@ -257,8 +241,8 @@ def test_shared_prefix_loss_and_grads_match_unpacked(tmp_path):
     assert shared.ids.shape[0] < len(seqs) and (shared.ids[:, :P] == torch.arange(40, 40 + P)).all()
     segments = pack(seqs, pad_id=0, max_len=64, share_prefix=True, flex=True).segments
     assert int((segments == -2).sum()) == P * shared.ids.shape[0], "the prefix is held once a row"
-    loss_a, grads_a = loss_and_grads(padded)
-    loss_b, grads_b = loss_and_grads(shared)
+    loss_a, grads_a = _loss_and_grads(model, padded)
+    loss_b, grads_b = _loss_and_grads(model, shared)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for name, g in grads_a.items():
         assert g.abs().max() > 0, name
