@@ -28,27 +28,29 @@ def test_attach_knowledge_jsonl_and_dropped_turns(fixtures_dir):
     assert d.utterances[2].knowledge == "She smiles with relief."
 
 
+_HEADER = "dataset,split,dialogue_id,utterance_id,knowledge\n"
+
+
+@pytest.mark.parametrize("text,error", [
+    (_HEADER + "meld,train,0,1,\n", r"k.csv:2: 'knowledge' must be a non-empty string"),
+    ("dataset,dialogue_id,utterance_id,knowledge\nmeld,0,1,text\n", r"k.csv:2: MELD dialogue ids repeat across splits"),
+    (_HEADER + "meld,train,0,1,a\nmeld,train,0,1,b\n", r"k.csv:3: duplicate knowledge .* \(first at .*k.csv:2\)"),
+    (_HEADER + "meld,train,dia0,utt1,a\n", r"none of its 1 meld rows matches a loaded dialogue id"),
+    ("dataset,dialogue_id,knowledge\nmeld,0,a\n", r"k.csv:1: missing column\(s\) \['utterance_id'\]"),
+])
+def test_attach_knowledge_rejects_bad_file(fixtures_dir, tmp_path, text, error):
+    train = load_dialogues("meld", fixtures_dir / "meld", "train")
+    bad = tmp_path / "k.csv"
+    bad.write_text(text)
+    with pytest.raises(DataError, match=error):
+        attach_knowledge(train, bad, "meld", "train")
+
+
 def test_attach_knowledge_errors(fixtures_dir, tmp_path):
     train = load_dialogues("meld", fixtures_dir / "meld", "train")
     with pytest.raises(DataError, match="pass split="):
         attach_knowledge(train, fixtures_dir / "knowledge.csv", "meld")
     with pytest.raises(DataError, match="no rows for dataset 'iemocap'"):
         attach_knowledge(train, fixtures_dir / "knowledge.csv", "iemocap")
-    bad = tmp_path / "k.csv"
-    bad.write_text("dataset,split,dialogue_id,utterance_id,knowledge\nmeld,train,0,1,\n")
-    with pytest.raises(DataError, match=r"k.csv:2: 'knowledge' must be a non-empty string"):
-        attach_knowledge(train, bad, "meld", "train")
-    bad.write_text("dataset,dialogue_id,utterance_id,knowledge\nmeld,0,1,text\n")
-    with pytest.raises(DataError, match=r"k.csv:2: MELD dialogue ids repeat across splits"):
-        attach_knowledge(train, bad, "meld", "train")
-    bad.write_text("dataset,split,dialogue_id,utterance_id,knowledge\nmeld,train,0,1,a\nmeld,train,0,1,b\n")
-    with pytest.raises(DataError, match=r"k.csv:3: duplicate knowledge .* \(first at .*k.csv:2\)"):
-        attach_knowledge(train, bad, "meld", "train")
-    bad.write_text("dataset,split,dialogue_id,utterance_id,knowledge\nmeld,train,dia0,utt1,a\n")
-    with pytest.raises(DataError, match=r"none of its 1 meld rows matches a loaded dialogue id"):
-        attach_knowledge(train, bad, "meld", "train")
-    bad.write_text("dataset,dialogue_id,knowledge\nmeld,0,a\n")
-    with pytest.raises(DataError, match=r"k.csv:1: missing column\(s\) \['utterance_id'\]"):
-        attach_knowledge(train, bad, "meld", "train")
     with pytest.raises(DataError, match=r"must be .csv or .jsonl"):
         attach_knowledge(train, tmp_path / "k.txt", "meld", "train")
