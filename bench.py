@@ -21,8 +21,8 @@ linears), the same dropout, AdamW (fused on CUDA) over the adapters, grad-norm c
 HF gets right-padded rows with an attention_mask and labels, as a transformers data collator produces them.
 
 Model: the LLaMA-2-7B architecture with random N(0, 0.02) weights, built on the meta device and materialised on
-the GPU (or --model DIR, an HF-layout checkpoint both sides load). On CPU: the `tiny` preset in fp32, a harness
-check only, never a performance number.
+the GPU (or --model DIR, an HF-layout checkpoint both sides load). On CPU: the `tiny` preset (or --model DIR) in
+fp32, a harness check only, never a performance number; the report names the model, its size and the device.
 Batches: --mode erc takes real ERC training examples (DialogueLLM prompts from MELD via
 engine.data.training_sequences), so the padding waste is what users see; --mode fixed takes random rows of
 --seq-len tokens, every token supervised.
@@ -70,7 +70,7 @@ from engine.decode import predict_labels
 from engine.loss import SupervisedLoss
 from engine.optim import make_optimizer, trainable_parameters
 from engine.packing import pack, shared_prefix_length
-from engine.provenance import source_commit, source_dirty
+from engine.provenance import path_label, repo_relative, source_commit, source_dirty
 from engine.runtime import setup_runtime
 from model.config import ModelConfig, from_hf_config, preset
 from model.lora import VALID_TARGETS, LoRAConfig, apply_lora, set_lora_fused
@@ -343,7 +343,8 @@ def markdown(report: dict) -> str:
              f"ours: {', '.join(c['variants'])} (kernels {c['kernels']}) · "
              f"matmul {report['matmul_tflops']:.3g} TFLOP/s", ""]
     if report["device_type"] == "cpu":
-        lines += ["**CPU smoke run of the harness (tiny config): not a performance measurement.**", ""]
+        lines += [f"**CPU run of the harness ({report['model_name']}, {report['n_params']:,} parameters, on "
+                  f"{report['device']}): not a performance measurement.**", ""]
     if not report["complete"]:
         lines += ["**Partial report: the run stopped before every system had run.**", ""]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
@@ -409,7 +410,10 @@ def build_report(args, rt, mcfg, batches, runs, systems, failed, evals, peak_tfl
         "device_type": device.type, "mode": args.mode, "commit": source_commit(),
         "dirty": source_dirty(), "date": date,
         "torch": torch.__version__, "complete": complete,
+        "model_name": path_label(args.model) if Path(args.model).is_dir() else args.model, "n_params": mcfg.n_params,
         "config": {**{k: v for k, v in vars(args).items() if k not in ("systems", "variants")},
+                   **{k: repo_relative(getattr(args, k)) for k in ("meld", "tokenizer", "out")},
+                   "model": repo_relative(args.model) if Path(args.model).is_dir() else args.model,
                    "systems": list(args.systems), "variants": [v.spec for v in args.variants],
                    "lora_targets": list(lora_targets(args)), "model_config": asdict(mcfg)},
         "matmul_tflops": peak_tflops,

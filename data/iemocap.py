@@ -6,7 +6,8 @@ Layout under the root (IEMOCAP_full_release/):
     Session{1..5}/dialog/EmoEvaluation/<dialogue>.txt    one block per turn, first line tab-separated:
         [6.2901 - 8.2357]	Ses01F_impro01_F000	neu	[2.5000, 2.5000, 2.5000]
         followed by per-annotator lines (C-E1:, A-E3:, ...) that are not needed here.
-A dialogue is one transcription file, its turns in file order (the files are in time order). The speaker is
+A dialogue is one transcription file, its turns sorted by start time (a stable sort, so ties keep file order):
+file order is not guaranteed to be time order, and the usual ERC preprocessing re-sorts by time. The speaker is
 the gender letter that opens the turn's last id component ("F" or "M"). Turns whose consensus label is not
 one of hap, sad, neu, ang, exc, fru (sur, fea, dis, oth, xxx) are dropped entirely, as in the usual ERC
 preprocessing; a dialogue left with no turns is skipped. Transcript lines that are not turns (not starting
@@ -27,7 +28,7 @@ from data.schema import IEMOCAP_LABELS, DataError, Dialogue, check_split, make_u
 IEMOCAP_ALL_LABELS = ("neu", "fru", "ang", "sad", "hap", "exc", "sur", "fea", "dis", "oth", "xxx")
 IEMOCAP_DEV_EVERY = 10           # every 10th train-session dialogue (sorted by id) is dev
 _TRAIN_SESSIONS, _TEST_SESSIONS = (1, 2, 3, 4), (5,)
-_TURN = re.compile(r"^(?P<turn>Ses\S+)\s+\[(?P<start>[\d.]+)\s*-\s*(?P<end>[\d.]+)\]:\s*(?P<text>.*)$")
+_TURN = re.compile(r"^(?P<turn>Ses\S+)\s+\[(?P<start>\d+(?:\.\d*)?)\s*-\s*(?P<end>\d+(?:\.\d*)?)\]:\s*(?P<text>.*)$")
 _EVAL = re.compile(r"^\[\s*[\d.]+\s*-\s*[\d.]+\s*\]\s+(?P<turn>\S+)\s+(?P<label>\S+)")
 
 
@@ -54,7 +55,7 @@ def _read_labels(path: Path) -> dict[str, str]:
 def read_iemocap_dialogue(transcript: Path, evaluation: Path) -> Dialogue | None:
     """One dialogue from its transcription and EmoEvaluation files; None when no 6-class turn is left."""
     labels = _read_labels(evaluation)
-    utterances, seen = [], set()
+    timed, seen = [], set()   # (start seconds, utterance), in file order
     for line, text in enumerate(read_text(transcript).split("\n"), start=1):
         text = text.strip()
         if not text.startswith("Ses"):
@@ -69,14 +70,16 @@ def read_iemocap_dialogue(transcript: Path, evaluation: Path) -> Dialogue | None
         speaker = turn.rsplit("_", 1)[-1][:1].upper()
         if speaker not in ("F", "M"):
             raise DataError(f"{where(transcript, line)}: cannot read the speaker (F/M) from turn id {turn}")
-        utterances.append(make_utterance(speaker, m["text"], labels[turn], IEMOCAP_LABELS,
-                                         where(transcript, line), utterance_id=turn))
+        timed.append((float(m["start"]), make_utterance(speaker, m["text"], labels[turn], IEMOCAP_LABELS,
+                                                        where(transcript, line), utterance_id=turn)))
     unknown = sorted(set(labels) - seen)
     if unknown:   # the two files do not describe the same dialogue
         raise DataError(f"{evaluation}: labelled turn(s) {unknown[:5]} not in {transcript}")
     if seen and not labels:
         raise DataError(f"{evaluation}: no labelled turns for the {len(seen)} turns of {transcript}")
-    return Dialogue(transcript.stem, tuple(utterances)) if utterances else None
+    # sorted() is stable: turns with the same start time stay in file order
+    utterances = tuple(u for _, u in sorted(timed, key=lambda t: t[0]))
+    return Dialogue(transcript.stem, utterances) if utterances else None
 
 
 def _read_session(root: Path, session: int) -> list[Dialogue]:

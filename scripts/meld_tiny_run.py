@@ -13,7 +13,8 @@ Stages (each timed; every score is on the MELD test split, 2,610 utterances, sci
 3. LoRA fine-tuning through the real `train.py` (fp32, kernels off, LoRA on all 7 linears), evaluating on
    the first --eval-max-examples dev utterances and keeping the best adapter by weighted F1; then the real
    `eval.py` on the whole test split with label-restricted decoding.
-Nothing is tuned on test. The JSON records the date, machine, git commit, configuration and wall times.
+Nothing is tuned on test. The JSON records the date, machine, git commit, configuration and wall times; its paths
+(and the train.py / eval.py commands, which run from the repository root) are relative to the repository.
 A tiny from-scratch model is expected to land well below LLaMA-2-7B and may land below TF-IDF.
 """
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch  # noqa: E402
 from data import MELD_LABELS, load_dialogues  # noqa: E402
 from engine import demo  # noqa: E402
 from engine.metrics import classification_report  # noqa: E402
+from engine.provenance import repo_relative  # noqa: E402
 
 C_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # logistic-regression inverse regularisation, chosen on dev
 C_FIXED = 1.0  # the a-priori choice (scikit-learn's default), reported alongside the dev-selected one
@@ -173,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(d, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-              "git": git_state(), "data": str(a.meld), "config": {k: str(v) if isinstance(v, Path) else v
-                                                                  for k, v in vars(a).items()}}
+              "git": git_state(), "data": repo_relative(a.meld),
+              "config": {k: repo_relative(v) if isinstance(v, Path) else v for k, v in vars(a).items()}}
     wall: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -187,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     wall["tokenizer"], wall["pretrain"] = info.pop("tokenizer_s"), info.pop("pretrain_s")
     result["base_model"] = info
 
-    tcmd, ecmd = train_cmd(meld, base, lora, a), eval_cmd(meld, lora, a)
+    # the commands run from the repository root (_run), so repository-relative paths name the same directories
+    rel_meld, rel_base, rel_lora = (Path(repo_relative(d)) for d in (meld, base, lora))
+    tcmd, ecmd = train_cmd(rel_meld, rel_base, rel_lora, a), eval_cmd(rel_meld, rel_lora, a)
     wall["lora_train"] = _run(tcmd, out / "train.log")
     wall["test_eval"] = _run(ecmd, out / "eval.log")
     wall["total"] = time.perf_counter() - t_all

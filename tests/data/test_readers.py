@@ -174,11 +174,28 @@ def test_iemocap_fixture_splits_and_labels(fixtures_dir):
                                               "Ses04F_script02_1"]
     assert [d.dialogue_id for d in test] == ["Ses05F_impro01", "Ses05M_script01_1b"]
     assert [n_utterances(x) for x in (train, dev, test)] == [8, 4, 4]
-    # transcript order, xxx turn dropped, gender letter as speaker
+    # start-time order, xxx turn dropped, gender letter as speaker
     assert [(u.speaker, u.emotion, u.utterance_id[-4:]) for u in dev[0].utterances] == \
         [("F", "neu", "F000"), ("M", "fru", "M000"), ("F", "hap", "F001"), ("F", "exc", "F002")]
     assert dev[0].utterances[1].text == "It is, and it hasn't moved in an hour."
     assert {u.emotion for d in train + dev + test for u in d.utterances} == set(IEMOCAP_LABELS)
+
+
+def test_iemocap_turns_sorted_by_start_time_ties_in_file_order(tmp_path):
+    # written for this test: the transcript lists turns out of time order, and F001/M001 start together
+    base = tmp_path / "iemocap" / "Session5" / "dialog"
+    _write(base / "transcriptions" / "Ses05F_impro09.txt",
+           "Ses05F_impro09_M000 [010.0000-011.0000]: Third.\n"
+           "Ses05F_impro09_F000 [002.5000-004.0000]: First.\n"
+           "Ses05F_impro09_F001 [005.0000-006.0000]: Second, said first.\n"
+           "Ses05F_impro09_M001 [005.0000-007.0000]: Second, said next.\n"
+           "Ses05F_impro09_F002 [9.5-9.9]: Between.\n")
+    _write(base / "EmoEvaluation" / "Ses05F_impro09.txt", "".join(
+        f"[0.0 - 1.0]\tSes05F_impro09_{t}\t{e}\t[2.5000, 2.5000, 2.5000]\n\n"
+        for t, e in [("F000", "neu"), ("F001", "hap"), ("F002", "sad"), ("M000", "ang"), ("M001", "fru")]))
+    (dialogue,) = load_dialogues("iemocap", tmp_path / "iemocap", "test")
+    assert [u.utterance_id[-4:] for u in dialogue.utterances] == ["F000", "F001", "M001", "F002", "M000"]
+    assert [u.text for u in dialogue.utterances][:3] == ["First.", "Second, said first.", "Second, said next."]
 
 
 def test_iemocap_errors(tmp_path, fixtures_dir):

@@ -45,6 +45,11 @@ def test_bench_erc_and_fixed_modes_write_reports(tmp_path):
                        "--out", str(tmp_path / "fixed")]) == 0
     r = _report(tmp_path / "fixed")
     assert r["mode"] == "fixed" and set(r["systems"]) == {"ours", "hf_peft_fp32"} and r["eval"] is None
+    # the CPU label names what ran, and the config records no machine's directories
+    assert (r["model_name"], r["n_params"]) == ("tiny", bench.preset("tiny").n_params)
+    md = next((tmp_path / "fixed").glob("bench-*.md")).read_text()
+    assert f"(tiny, {r['n_params']:,} parameters, on {r['device']})" in md and "tiny config" not in md
+    assert not any(str(r["config"][k]).startswith("/") for k in ("meld", "tokenizer", "out"))
     assert r["ratios"]["ours vs hf_peft_fp32"]["speedup"] > 0 and r["speedup"] is None  # the bf16 baseline did not run
     assert r["batches"]["mean_supervised_per_example"] == 15
 
