@@ -3,7 +3,7 @@
     dialogues = load_dialogues("meld", "../shared/data/meld", "train")        # data/erc.py
     dialogues = attach_knowledge(dialogues, "knowledge.csv", "meld")          # optional, data/knowledge.py
     examples = build_examples(dialogues, "meld", PromptConfig(context_turns=2))   # data/prompts.py
-    tok = Tokenizer("tokenizer.model")                                        # data/tokenizer.py
+    tok = load_tokenizer("tokenizer.model")   # or tokenizer.json, a .gguf, a checkpoint dir; data/tokenizer.py
     batch = pad_batch([encode_example(tok, e, max_len=512) for e in examples[:8]], tok.pad_id)  # collate.py
 
 Imports nothing of ours outside `data` (STYLE.md §2).
@@ -20,7 +20,7 @@ from data.prompts import (DATASET_NAMES, DEFAULT_LABEL_WORDS, Example, PromptCon
                           with_context)
 from data.schema import (EMORYNLP_LABELS, IEMOCAP_LABELS, LABELS, MELD_LABELS, SPLITS, DataError, Dialogue,
                          Utterance, dialogue_labels, normalize_text)
-from data.tokenizer import PAD_FALLBACK_ID, Tokenizer, train_tokenizer
+from data.tokenizer import PAD_FALLBACK_ID, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
     "IGNORE_INDEX", "encode_example", "encode_prompt", "encode_response", "load_prompt_response_jsonl",
@@ -29,5 +29,6 @@ __all__ = [
     "read_meld_csv", "DATASET_NAMES", "DEFAULT_LABEL_WORDS", "Example", "PromptConfig", "PromptParts",
     "build_examples", "draw_demonstrations", "label_words", "mix_examples", "render_prompt", "with_context",
     "EMORYNLP_LABELS", "IEMOCAP_LABELS", "LABELS", "MELD_LABELS", "SPLITS", "DataError", "Dialogue",
-    "Utterance", "dialogue_labels", "normalize_text", "PAD_FALLBACK_ID", "Tokenizer", "train_tokenizer",
+    "Utterance", "dialogue_labels", "normalize_text", "PAD_FALLBACK_ID", "Tokenizer", "load_tokenizer",
+    "train_tokenizer",
 ]

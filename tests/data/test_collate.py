@@ -26,7 +26,7 @@ def test_encode_example_layout(tiny_tok, examples):
 def test_truncation_drops_oldest_context_first(tiny_tok, examples):
     e = examples[6]                                          # 3 context turns
     n_response = len(tiny_tok.encode(e.response, bos=False, eos=True))
-    sizes = [len(tiny_tok.encode(render_prompt(with_context(e.parts, k)))) for k in range(4)]
+    sizes = [len(tiny_tok.encode(render_prompt(with_context(e.parts, k)), bos=True)) for k in range(4)]
     assert sizes == sorted(sizes) and len(set(sizes)) == 4
     for keep in range(4):
         max_len = sizes[keep] + n_response                   # room for exactly `keep` turns
@@ -50,7 +50,7 @@ def test_truncation_then_drops_demonstrations(tiny_tok, fixtures_dir):
                          PromptConfig(n_shots=3, seed=0), demo_pool=train)[2:]
     # the budget reserves the longest label word + EOS, whatever this example's own label is
     n_response = max(len(tiny_tok.encode(w, bos=False, eos=True)) for w in e.choices)
-    one_demo = len(tiny_tok.encode(render_prompt(with_context(e.parts, 0, 1)))) + n_response
+    one_demo = len(tiny_tok.encode(render_prompt(with_context(e.parts, 0, 1)), bos=True)) + n_response
     ids, _ = encode_example(tiny_tok, e, one_demo)
     assert tiny_tok.decode(ids) == render_prompt(with_context(e.parts, 0, 1)) + " " + e.response
 
@@ -71,7 +71,7 @@ def test_training_and_decoding_truncate_prompts_alike(tiny_tok, examples):
 def test_encode_prompt_reserves_room_for_labels(tiny_tok, examples):
     e = examples[6]
     full = encode_prompt(tiny_tok, e, 4096)
-    assert full == tiny_tok.encode(e.prompt)
+    assert full == tiny_tok.encode(e.prompt, bos=True)
     short = encode_prompt(tiny_tok, e, len(full), n_reserved=4)     # 4 tokens kept free for a label + EOS
     assert len(short) <= len(full) - 4 and short[-3:] == full[-3:]
 
@@ -117,9 +117,9 @@ def test_llama2_prompt_and_response_encode_like_joint_text(llama2_tokenizer_path
     ids(prompt) + ids(word) == ids(prompt + " " + word) with the real LLaMA 2 tokenizer."""
     tok = Tokenizer(llama2_tokenizer_path)
     prompt = examples[6].prompt
-    n = len(tok.encode(prompt))
+    n = len(tok.encode(prompt, bos=True))
     for dataset, labels in LABELS.items():
         for word in label_words(dataset, labels, PromptConfig()).values():
-            assert tok.encode(prompt + " " + word)[n:] == tok.encode(word, bos=False), (dataset, word)
+            assert tok.encode(prompt + " " + word, bos=True)[n:] == tok.encode(word, bos=False), (dataset, word)
     ids, labels = encode_example(tok, examples[6], 512)
     assert ids[-3:] == [14610, 2264, 2] and labels[-4:] == [IGNORE_INDEX, 14610, 2264, 2]
