@@ -85,12 +85,12 @@ class TrainConfig:
             raise ValueError(f"--grad_clip must be positive, got {self.grad_clip}")
         if self.epochs == 0 and self.max_steps == 0:
             raise ValueError("one of --epochs or --max_steps must be positive")
-        if self.context_turns != "all" and not (self.context_turns.isdigit()):
-            raise ValueError(f"--context_turns must be a non-negative integer or 'all', got {self.context_turns!r}")
+        _check_context_turns(self.context_turns, ("all",))
         for spec in self.train_data + self.dev_data:
             kind = spec.split("=", 1)[0]
             if "=" not in spec or kind not in DATA_KINDS:
                 raise ValueError(f"data spec {spec!r} must be KIND=PATH with KIND in {', '.join(DATA_KINDS)}")
+        _check_knowledge(self.knowledge, self.train_data + self.dev_data)
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,8 @@ class EvalConfig:
         for spec in self.data:
             if "=" not in spec or spec.split("=", 1)[0] not in DATA_KINDS[:4]:
                 raise ValueError(f"data spec {spec!r} must be KIND=PATH with KIND in {', '.join(DATA_KINDS[:4])}")
+        _check_knowledge(self.knowledge, self.data)
+        _check_context_turns(self.context_turns, ("all", ""))
         if self.batch_size <= 0 or self.max_examples < 0 or self.max_len < 0 or self.n_shots < 0:
             raise ValueError("--batch_size must be positive, --max_examples, --max_len and --n_shots >= 0")
 
@@ -131,11 +133,65 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_context_turns(value, words: tuple[str, ...]) -> None:
+    if not (isinstance(value, str) and (value in words or value.isdigit())):
+        raise ValueError(f"--context_turns must be a non-negative integer or 'all', got {value!r}")
+
+
+def _check_knowledge(specs: tuple[str, ...], data_specs: tuple[str, ...]) -> None:
+    """Each --knowledge item is DATASET=FILE.csv|.jsonl, DATASET the kind of one of the data specs."""
+    kinds = sorted({s.split("=", 1)[0] for s in data_specs})
+    for spec in specs:
+        kind, eq, path = spec.partition("=")
+        if not eq or kind not in DATA_KINDS[:4] or not path:
+            raise ValueError(f"knowledge spec {spec!r} must be DATASET=PATH with DATASET in "
+                             f"{', '.join(DATA_KINDS[:4])}")
+        if Path(path).suffix not in (".csv", ".jsonl"):
+            raise ValueError(f"knowledge spec {spec!r}: the sidecar must be a .csv or .jsonl file")
+        if kind not in kinds:
+            raise ValueError(f"knowledge spec {spec!r} attaches to {kind}, but no data spec is of that kind "
+                             f"(data kinds: {', '.join(kinds) or 'none'})")
+
+
 def _field_parser(tp) -> typing.Callable[[str], object]:
     """The argparse `type` for a dataclass field's annotation (tuples are comma-separated)."""
     if tp in ("tuple[str, ...]", tuple[str, ...]):
         return lambda s: tuple(x for x in s.split(",") if x)
     return {"int": int, "float": float, "str": str, int: int, float: float, str: str}[tp]
+
+
+_INT_OR_WORD = {"context_turns"}  # str fields whose value may also be written as a JSON integer
+
+
+def _from_json(name: str, tp, value, source: Path):
+    """A --config value as its field's type. JSON's natural type is accepted (numbers, true/false, a list of
+    strings or one comma-separated string); anything else is a ValueError naming the field."""
+    def wrong(expected: str) -> ValueError:
+        return ValueError(f"--config {source}: {name!r} must be {expected}, got {value!r} ({type(value).__name__})")
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if tp in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        raise wrong("true or false")
+    if tp in ("int", int):
+        if is_int:
+            return value
+        raise wrong("an integer")
+    if tp in ("float", float):
+        if is_int or isinstance(value, float):
+            return float(value)
+        raise wrong("a number")
+    if tp in ("tuple[str, ...]", tuple[str, ...]):
+        if isinstance(value, str):
+            return _field_parser(tp)(value)
+        if isinstance(value, list) and all(isinstance(x, str) for x in value):
+            return tuple(value)
+        raise wrong("a list of strings")
+    if isinstance(value, str):
+        return value
+    if name in _INT_OR_WORD and is_int:
+        return str(value)
+    raise wrong("an integer or a string" if name in _INT_OR_WORD else "a string")
 
 
 def parse_config(cls, argv: list[str] | None = None):
@@ -149,10 +205,12 @@ def parse_config(cls, argv: list[str] | None = None):
             base = json.loads(known.config.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--config {known.config}: {e}") from None
+        if not isinstance(base, dict):
+            raise ValueError(f"--config {known.config}: must hold a JSON object of field: value")
         unknown = set(base) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"--config {known.config}: unknown keys {sorted(unknown)}")
-        base = {k: tuple(v) if isinstance(v, list) else v for k, v in base.items()}
+        base = {f.name: _from_json(f.name, f.type, base[f.name], known.config) for f in fields(cls) if f.name in base}
 
     parser = argparse.ArgumentParser(parents=[pre], description=cls.__doc__)
     for f in fields(cls):

@@ -12,6 +12,7 @@ from data import (LABELS, Example, PromptConfig, Tokenizer, attach_knowledge, bu
                   encode_example, load_dialogues, load_prompt_response_jsonl, mix_examples)
 
 from .batching import Sequence
+from .resume import fingerprint
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,26 @@ def prompt_config(context_turns: str, n_shots: int = 0, seed: int = 0) -> Prompt
 def training_sequences(specs: tuple[str, ...], tok: Tokenizer, *, max_len: int, context_turns: str,
                        knowledge: tuple[str, ...], seed: int) -> list[Sequence]:
     """Every training example tokenized (prompt truncated oldest-context-first), mixed across datasets."""
+    return training_data(specs, tok, max_len=max_len, context_turns=context_turns, knowledge=knowledge,
+                         seed=seed)[0]
+
+
+def training_data(specs: tuple[str, ...], tok: Tokenizer, *, max_len: int, context_turns: str,
+                  knowledge: tuple[str, ...], seed: int) -> tuple[list[Sequence], dict[str, dict]]:
+    """training_sequences, and {dataset: engine.resume.fingerprint of its sequences}, which a resume compares
+    (a dataset is named by its kind, or by its whole spec where two specs share a kind)."""
     if not specs:
         raise ValueError("no training data: pass --train_data KIND=PATH (kinds: meld, emorynlp, iemocap, "
                          "jsonl, prompts)")
-    sets = [load_example_set(s, "train", prompt_config(context_turns), knowledge) for s in specs]
-    examples = mix_examples([s.examples for s in sets], seed)
-    out = []
-    for ex in examples:
-        ids, labels = encode_example(tok, ex, max_len)
-        if max(ids) >= tok.vocab_size:
-            raise ValueError(f"token id {max(ids)} is outside the tokenizer's vocabulary of {tok.vocab_size}")
-        out.append(Sequence(tuple(ids), tuple(labels)))
-    return out
+    kinds = [parse_spec(s)[0] for s in specs]
+    per_set, fingerprints = [], {}
+    for spec, kind in zip(specs, kinds):
+        seqs = []
+        for ex in load_example_set(spec, "train", prompt_config(context_turns), knowledge).examples:
+            ids, labels = encode_example(tok, ex, max_len)
+            if max(ids) >= tok.vocab_size:
+                raise ValueError(f"token id {max(ids)} is outside the tokenizer's vocabulary of {tok.vocab_size}")
+            seqs.append(Sequence(tuple(ids), tuple(labels)))
+        per_set.append(seqs)
+        fingerprints[kind if kinds.count(kind) == 1 else spec] = fingerprint(seqs)
+    return mix_examples(per_set, seed), fingerprints

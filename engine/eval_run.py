@@ -31,7 +31,6 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
         saved = json.loads(config_file.read_text())["train"]
         train_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     train_cfg = replace(train_cfg, model=cfg.model or train_cfg.model, tokenizer=cfg.tokenizer or train_cfg.tokenizer,
-                        knowledge=cfg.knowledge or train_cfg.knowledge,
                         context_turns=cfg.context_turns or train_cfg.context_turns,
                         max_len=cfg.max_len or train_cfg.max_len)
     # dtype and kernels follow the run unless given: an fp32 run is evaluated in fp32
@@ -39,7 +38,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
     try:
         tok = Tokenizer(resolve_tokenizer_path(train_cfg))
         pcfg = prompt_config(train_cfg.context_turns, cfg.n_shots, cfg.shot_seed)
-        sets = [load_example_set(s, cfg.split, pcfg, train_cfg.knowledge) for s in cfg.data]
+        knowledge = cfg.knowledge or train_cfg.knowledge  # checked against --data by EvalConfig, when given
+        sets = [load_example_set(s, cfg.split, pcfg, knowledge) for s in cfg.data]
         model, _ = build_base_model(train_cfg.model, rt, vocab_size=tok.vocab_size, seed=train_cfg.seed)
         if adapters is not None:
             apply_lora(model, lora_config(train_cfg), verbose=False)

@@ -4,11 +4,12 @@ Per optimizer step:  lr from the step -> grad_accum micro-batches (right-padded 
 examples per row, engine/packing.py), each loss summed over supervised tokens and scaled by
 world_size / (supervised tokens in the whole global batch) -> DDP averages over ranks -> clip at
 grad_clip -> AdamW -> log, evaluate, checkpoint. The data order, the lr and the dropout RNG are functions of
-(seed, step, rank), so a resumed run continues exactly where the interrupted one stopped.
+(seed, step, rank), so a resumed run continues exactly where the interrupted one stopped; what a resume may
+change is engine/resume.py's. A stop signal (SIGINT/SIGTERM) to any rank is all-reduced with the step's loss,
+so every rank finishes the same step, rank 0 checkpoints it and all of them return together.
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -19,17 +20,18 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .batching import Batch, BatchPlan, Sequence, collate
-from .checkpoint import check_resume_config, list_checkpoints, load_checkpoint, save_checkpoint, trainable_state
+from .checkpoint import (CheckpointError, apply_checkpoint, latest_valid_checkpoint, read_checkpoint,
+                         remove_stale_temporaries, save_best, save_checkpoint, step_directories, trainable_state)
 from .config import TrainConfig
 from .log import MetricsLog
 from .loss import SupervisedLoss
 from .optim import lr_at, make_optimizer, set_lr, trainable_parameters
 from .packing import pack
+from .resume import batch_record, check_resume, fingerprint
 from .runtime import Runtime, peak_memory_gb, rng_state, set_rng_state
 
 Evaluator = Callable[[nn.Module], dict]  # model -> metrics with at least "weighted_f1"
@@ -40,7 +42,8 @@ class NonFiniteError(RuntimeError):
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and returns."""
+    """SIGINT/SIGTERM set a flag; the loop (every rank, see train_loop) saves a checkpoint after the step in
+    which any rank saw it, and returns."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -65,32 +68,37 @@ def _reseed(seed: int, step: int, rank: int) -> None:
 
 
 def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, train_seqs: list[Sequence],
-               pad_id: int, evaluator: Evaluator | None = None) -> dict:
-    """Train the adapters of `model` on `train_seqs`; returns the final state (step, best metric, ...)."""
+               pad_id: int, evaluator: Evaluator | None = None, data_fingerprints: dict | None = None) -> dict:
+    """Train the adapters of `model` on `train_seqs`; returns the final state (step, best metric, ...).
+
+    data_fingerprints: {dataset: engine.resume.fingerprint(its examples)}, recorded in checkpoints so that a
+    resume on changed data is refused; default: one entry, "train", for `train_seqs` as a whole.
+    """
     out = Path(cfg.out_dir)
     log = MetricsLog(out / "metrics.jsonl", enabled=rt.is_main)
     plan = BatchPlan(len(train_seqs), cfg.micro_batch, cfg.grad_accum, rt.world_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
-    run_cfg = {"train": asdict(cfg), "model": asdict(model_config)}
+    run_cfg = {"train": asdict(cfg), "model": asdict(model_config),
+               "batch": batch_record(cfg.micro_batch, cfg.grad_accum, rt.world_size),
+               "data": data_fingerprints or {"train": fingerprint(train_seqs)}}
     params = trainable_parameters(model)
     opt = make_optimizer(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                          weight_decay=cfg.weight_decay)
+
+    state = {"step": 0, "best_weighted_f1": -1.0, "best_step": -1}
+    ckpt = _checkpoint_to_resume(out, rt, log) if cfg.resume else None
+    if ckpt is not None:  # every rank checks the same record, so all refuse together
+        for warning in check_resume(ckpt.config, run_cfg, ckpt.path, defaults=asdict(TrainConfig())):
+            log.info(warning)
+        state = apply_checkpoint(ckpt, model=model, opt=opt)
+        set_rng_state(state.pop("rng"))
+        log.info(f"resumed from {ckpt.path} at step {state['step']}")
+    elif not cfg.resume and step_directories(out):
+        raise ValueError(f"{out} already holds checkpoints ({step_directories(out)[-1].name}); pass --resume to "
+                         "continue or choose another --out_dir")
     loss_fn: nn.Module = SupervisedLoss(model)
     if rt.distributed:
         loss_fn = DistributedDataParallel(loss_fn, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
-
-    state = {"step": 0, "best_weighted_f1": -1.0, "best_step": -1}
-    checkpoints = list_checkpoints(out)
-    if cfg.resume and checkpoints:
-        saved_cfg = (checkpoints[-1] / "config.json").read_text()
-        check_resume_config(json.loads(saved_cfg)["train"], asdict(cfg), checkpoints[-1],
-                            defaults=asdict(TrainConfig()))
-        state = load_checkpoint(checkpoints[-1], model=model, opt=opt)
-        set_rng_state(state.pop("rng"))
-        log.info(f"resumed from {checkpoints[-1]} at step {state['step']}")
-    elif checkpoints:
-        raise ValueError(f"{out} already holds checkpoints ({checkpoints[-1].name}); pass --resume to continue "
-                         "or choose another --out_dir")
     log.info(f"{len(train_seqs)} examples | global batch {plan.global_batch} | {plan.steps_per_epoch} steps/epoch "
              f"| {total_steps} steps | {sum(p.numel() for p in params):,} trainable parameters")
 
@@ -111,6 +119,7 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             n_sup = sum(s.n_supervised for s in global_seqs)  # every rank counts the same global batch
             micro_batches = plan.micro_batches(step, rt.rank)
             loss_sum = torch.zeros((), device=rt.device)
+            stop_flag = torch.zeros((), device=rt.device)
             for j, idx in enumerate(micro_batches):
                 seqs = [train_seqs[i] for i in idx]
                 batch = (pack(seqs, pad_id, cfg.max_len, flex=cfg.packed_attention == "flex",
@@ -122,8 +131,11 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
                     # DDP averages over ranks, hence x world_size: the update is the mean over all n_sup tokens
                     (loss * (rt.world_size / n_sup)).backward()
                 loss_sum += loss.detach()
-            if rt.distributed:
-                dist.all_reduce(loss_sum)
+            if rt.distributed:  # the stop decision travels with the loss: any rank's signal stops every rank
+                stop_flag.fill_(float(stop.signal is not None))
+                both = torch.stack([loss_sum, stop_flag])
+                dist.all_reduce(both)
+                loss_sum, stop_flag = both[0], both[1]
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
             loss_val = loss_sum.item() / n_sup
             if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
@@ -142,16 +154,45 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             done = state["step"] == total_steps
             if evaluator is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
                 _evaluate(evaluator, model, state, out, rt, log, run_cfg)
-            if done or state["step"] % cfg.save_every == 0 or stop.signal is not None:
+            stopping = bool(stop_flag.item() > 0) if rt.distributed else stop.signal is not None
+            if done or state["step"] % cfg.save_every == 0 or stopping:
                 save()
-            if stop.signal is not None:
-                log.info(f"received signal {stop.signal}: checkpoint saved at step {state['step']}; "
-                         "continue with --resume")
+            if stopping:
+                log.info(f"stop signal received ({'here: ' + str(stop.signal) if stop.signal else 'by another rank'})"
+                         f": checkpoint saved at step {state['step']}; continue with --resume")
                 state["interrupted"] = True
                 break
     if rt.distributed:
         dist.barrier()
     return state
+
+
+def _checkpoint_to_resume(out: Path, rt: Runtime, log: MetricsLog):
+    """The newest checkpoint that reads back completely (rank 0 chooses, falling back past damaged ones with a
+    warning; the other ranks read the one it chose), or None to start from step 0."""
+    name = error = None
+    if rt.is_main:
+        remove_stale_temporaries(out)
+        try:
+            ckpt = latest_valid_checkpoint(out, warn=log.info)
+            name = None if ckpt is None else ckpt.path.name
+        except CheckpointError as e:
+            error = str(e)
+    if rt.distributed:
+        holder = [name, error]
+        dist.broadcast_object_list(holder, src=0)
+        name, error = holder
+    if error is not None:
+        raise CheckpointError(error)
+    if name is None:
+        return None
+    if rt.is_main:
+        return ckpt
+    path = out / "checkpoints" / name
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"rank {rt.rank} cannot read the checkpoint rank 0 resumes from: {e}") from None
 
 
 def _evaluate(evaluator: Evaluator, model: nn.Module, state: dict, out: Path, rt: Runtime, log: MetricsLog,
@@ -166,13 +207,9 @@ def _evaluate(evaluator: Evaluator, model: nn.Module, state: dict, out: Path, rt
             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         log.write({"step": state["step"], "eval": {k: v for k, v in metrics.items() if isinstance(v, float)}})
         if f1 > state["best_weighted_f1"]:
+            save_best(out, adapters=trainable_state(model), config={**run_cfg, "step": state["step"],
+                                                                     "metrics": metrics}, step=state["step"])
             state["best_weighted_f1"], state["best_step"] = f1, state["step"]
-            best = out / "best"
-            best.mkdir(parents=True, exist_ok=True)
-            save_file(trainable_state(model), str(best / "adapters.safetensors.tmp"))
-            (best / "adapters.safetensors.tmp").replace(best / "adapters.safetensors")
-            (best / "config.json").write_text(json.dumps(
-                {**run_cfg, "step": state["step"], "metrics": metrics}, indent=2, default=str))
     if rt.distributed:
         # every rank needs the same best-metric state so their checkpoints agree
         holder = [state["best_weighted_f1"], state["best_step"]]

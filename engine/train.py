@@ -10,7 +10,7 @@ from data import Tokenizer
 
 from .build import build_lora_model, resolve_tokenizer_path
 from .config import TrainConfig
-from .data import load_example_set, prompt_config, training_sequences
+from .data import load_example_set, prompt_config, training_data
 from .evaluate import evaluate_sets
 from .loop import train_loop
 from .runtime import seed_everything, setup_runtime, teardown_runtime
@@ -24,8 +24,9 @@ def train(cfg: TrainConfig) -> dict:
                              "backward in torch 2.13); use --packed_attention sdpa")
         seed_everything(cfg.seed)
         tok = Tokenizer(resolve_tokenizer_path(cfg))
-        train_seqs = training_sequences(cfg.train_data, tok, max_len=cfg.max_len, context_turns=cfg.context_turns,
-                                        knowledge=cfg.knowledge, seed=cfg.seed)
+        train_seqs, fingerprints = training_data(cfg.train_data, tok, max_len=cfg.max_len,
+                                                 context_turns=cfg.context_turns, knowledge=cfg.knowledge,
+                                                 seed=cfg.seed)
         dev_sets = [load_example_set(s, "dev", prompt_config(cfg.context_turns), cfg.knowledge)
                     for s in cfg.dev_data]
         if rt.is_main:
@@ -39,6 +40,7 @@ def train(cfg: TrainConfig) -> dict:
             return evaluate_sets(m, tok, dev_sets, max_len=cfg.max_len, batch_size=cfg.micro_batch,
                                  max_examples=cfg.eval_max_examples)
 
-        return train_loop(cfg, rt, model, mcfg, train_seqs, tok.pad_id, evaluator if dev_sets else None)
+        return train_loop(cfg, rt, model, mcfg, train_seqs, tok.pad_id, evaluator if dev_sets else None,
+                          data_fingerprints=fingerprints)
     finally:
         teardown_runtime()
