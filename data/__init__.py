@@ -15,6 +15,7 @@ from data.erc import KINDS, load_dialogues, read_jsonl_dialogues
 from data.iemocap import IEMOCAP_ALL_LABELS, IEMOCAP_DEV_EVERY, read_iemocap
 from data.knowledge import attach_knowledge, read_knowledge
 from data.meld import read_meld_csv
+from data.prompt_format import PROMPT_FORMATS, PromptCodec, build_codec
 from data.prompts import (DATASET_NAMES, DEFAULT_LABEL_WORDS, Example, PromptConfig, PromptParts,
                           build_examples, draw_demonstrations, label_words, mix_examples, render_prompt,
                           with_context)
@@ -23,6 +24,7 @@ from data.schema import (EMORYNLP_LABELS, IEMOCAP_LABELS, LABELS, MELD_LABELS, S
 from data.tokenizer import PAD_FALLBACK_ID, Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
+    "PROMPT_FORMATS", "PromptCodec", "build_codec",
     "IGNORE_INDEX", "encode_example", "encode_prompt", "encode_response", "load_prompt_response_jsonl",
     "pad_batch", "KINDS", "load_dialogues", "read_jsonl_dialogues", "read_emorynlp_csv", "read_emorynlp_json",
     "IEMOCAP_ALL_LABELS", "IEMOCAP_DEV_EVERY", "read_iemocap", "attach_knowledge", "read_knowledge",

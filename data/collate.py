@@ -1,8 +1,10 @@
 """Example -> token ids with loss labels, truncation, right-padded batches, and (prompt, response) JSONL.
 
-Sequence layout (T = len(prompt ids) + len(response ids)):
+Sequence layout (T = len(prompt ids) + len(response ids)), in the prompt format of data/prompt_format.py
+(alpaca shown; chat wraps the prompt in the model's chat template and ends the answer with its end-of-turn token):
     input_ids = [BOS] + encode(prompt) + encode(response) + [EOS]
     labels    = [-100] * (1 + len(prompt ids)) + encode(response) + [EOS]
+Every function takes a PromptCodec, or a bare tokenizer, which means the alpaca format.
 labels are aligned with input_ids (HF convention): the loss compares logits[:, :-1] with labels[:, 1:], so
 every response token and the EOS are supervised and nothing before them is.
 Truncation: while the sequence is longer than max_len, the oldest context turns go first, then the few-shot
@@ -17,9 +19,9 @@ from pathlib import Path
 import torch
 
 from data.files import read_jsonl
+from data.prompt_format import PromptCodec, build_codec
 from data.prompts import Example, PromptParts, render_prompt, with_context
 from data.schema import DataError, where
-from data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100    # cross-entropy's ignore_index: prompt and pad positions
 
@@ -31,30 +33,35 @@ def _name(example: Example | PromptParts | str) -> str:
     return f"prompt {text[:60]!r}..."
 
 
-def encode_response(tok: Tokenizer, response: str) -> list[int]:
-    """Response ids + EOS. Encoded on its own, so it gets SentencePiece's leading space (see prompts.py)."""
-    return tok.encode(response, bos=False, eos=True)
+def as_codec(tok) -> PromptCodec:
+    """A PromptCodec as it is; a bare tokenizer as the default (alpaca) format."""
+    return tok if isinstance(tok, PromptCodec) else build_codec(tok, "alpaca")
 
 
-def encode_prompt(tok: Tokenizer, example: Example | PromptParts | str, max_len: int,
-                  n_reserved: int = 0) -> list[int]:
+def encode_response(tok, response: str) -> list[int]:
+    """Response ids + the end token (EOS, or the chat template's end of turn), encoded on their own (prompt_format.py)."""
+    return as_codec(tok).response_ids(response)
+
+
+def encode_prompt(tok, example: Example | PromptParts | str, max_len: int, n_reserved: int = 0) -> list[int]:
     """BOS + prompt ids, truncated (oldest context first) so that len + n_reserved <= max_len.
 
     Decoding reserves the longest label's length (+ EOS) and encodes the prompt once for all labels.
     Raises ValueError naming the example when even the bare prompt does not fit.
     """
+    codec = as_codec(tok)
     parts = example.parts if isinstance(example, Example) else example
     prompt = example.prompt if isinstance(example, Example) else example
     budget = max_len - n_reserved
     if not isinstance(parts, PromptParts):   # a plain string cannot be re-rendered: fit or fail
-        ids = tok.encode(prompt, bos=True)
+        ids = codec.prompt_ids(prompt)
         if len(ids) > budget:
             raise ValueError(f"{_name(example)}: prompt is {len(ids)} tokens, only {budget} fit in "
                              f"max_len={max_len} with {n_reserved} reserved; it has no parts to truncate")
         return ids
 
     def fits(n_turns: int, n_demos: int | None = None) -> list[int] | None:
-        ids = tok.encode(render_prompt(with_context(parts, n_turns, n_demos)), bos=True)
+        ids = codec.prompt_ids(render_prompt(with_context(parts, n_turns, n_demos)))
         return ids if len(ids) <= budget else None
 
     n_context, n_demos = len(parts.context), len(parts.demonstrations)
@@ -76,15 +83,16 @@ def encode_prompt(tok: Tokenizer, example: Example | PromptParts | str, max_len:
         found = fits(0, k)
         if found is not None:
             return found
-    bare = len(tok.encode(render_prompt(with_context(parts, 0, 0)), bos=True))
+    bare = len(codec.prompt_ids(render_prompt(with_context(parts, 0, 0))))
     raise ValueError(f"{_name(example)}: does not fit in max_len={max_len}: the prompt without context or "
                      f"demonstrations is {bare} tokens and {n_reserved} more are needed for the response")
 
 
-def encode_example(tok: Tokenizer, example: Example | tuple[str | PromptParts, str],
+def encode_example(tok, example: Example | tuple[str | PromptParts, str],
                    max_len: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels), both of length <= max_len; see the module docstring for the layout.
     `example` is an Example or a (prompt or PromptParts, response) pair."""
+    tok = as_codec(tok)
     prompt, response = (example, example.response) if isinstance(example, Example) else example
     response_ids = encode_response(tok, response)
     # Reserve room for the longest label word, as decoding does (engine/evaluate.py), so a prompt near

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from data import PromptCodec, build_codec, load_tokenizer
 from model import MODEL_PRESETS, ModelConfig, Transformer, preset
 from model.checkpoint import load_pretrained
 from model.lora import LoRAConfig, apply_lora, set_lora_fused
@@ -14,29 +15,42 @@ from model.lora import LoRAConfig, apply_lora, set_lora_fused
 from .config import TrainConfig
 from .runtime import Runtime
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "*.gguf")  # what load_tokenizer finds in a directory
+
 
 def lora_config(cfg: TrainConfig) -> LoRAConfig:
     return LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets)
 
 
-def resolve_tokenizer_path(cfg: TrainConfig) -> Path:
-    """--tokenizer, else tokenizer.model in the checkpoint directory or its parent (Meta's download layout)."""
-    if cfg.tokenizer:
-        path = Path(cfg.tokenizer)
-        if not path.is_file():
-            raise ValueError(f"--tokenizer {path}: no such file")
-        return path
-    model_dir = Path(cfg.model)
-    for candidate in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
-        if model_dir.is_dir() and candidate.is_file():
-            return candidate
-    raise ValueError(f"no tokenizer: pass --tokenizer (looked for tokenizer.model in {model_dir} and its parent)")
+def resolve_tokenizer_path(model: str, tokenizer: str = "") -> Path:
+    """--tokenizer (a file or a directory), else the checkpoint's own: a .gguf model file's embedded vocabulary,
+    the model directory (tokenizer.json, tokenizer.model or its .gguf, data.load_tokenizer's order), or the
+    parent directory's tokenizer.model (Meta's download layout)."""
+    if tokenizer:
+        if not Path(tokenizer).exists():
+            raise ValueError(f"--tokenizer {tokenizer}: no such file or directory")
+        return Path(tokenizer)
+    model_path = Path(model)
+    if model_path.is_file():
+        return model_path
+    if model_path.is_dir():
+        if any(any(model_path.glob(pattern)) for pattern in TOKENIZER_FILES):
+            return model_path
+        if (model_path.parent / "tokenizer.model").is_file():
+            return model_path.parent / "tokenizer.model"
+    raise ValueError(f"no tokenizer: pass --tokenizer (looked for {', '.join(TOKENIZER_FILES)} in {model_path} and "
+                     "tokenizer.model in its parent)")
+
+
+def load_codec(model: str, tokenizer: str, prompt_format: str) -> PromptCodec:
+    """The run's tokenizer (found as resolve_tokenizer_path says) in its prompt format."""
+    return build_codec(load_tokenizer(resolve_tokenizer_path(model, tokenizer)), prompt_format)
 
 
 def build_base_model(model: str, rt: Runtime, *, vocab_size: int | None = None, seed: int = 0,
                      checkpointing: bool | str = "none") -> tuple[Transformer, ModelConfig]:
     """A checkpoint directory is loaded; a preset name gets random N(0, 0.02) weights (vocab from the tokenizer)."""
-    if Path(model).is_dir():
+    if Path(model).is_dir() or Path(model).suffix.lower() == ".gguf":
         net = load_pretrained(model, dtype=rt.dtype, device=rt.device)
         mcfg = net.config
     elif model in MODEL_PRESETS:
@@ -47,6 +61,7 @@ def build_base_model(model: str, rt: Runtime, *, vocab_size: int | None = None, 
             net = Transformer(mcfg)
         net.to_empty(device=rt.device)
         net.to(rt.dtype)
+        net.tie_weights()  # to_empty gave the tied output its own storage
         net.init_weights(generator=torch.Generator(rt.device).manual_seed(seed))
     else:
         raise ValueError(f"--model {model!r} is neither a checkpoint directory nor a preset "

@@ -17,8 +17,9 @@ DATA_KINDS = ("meld", "emorynlp", "iemocap", "jsonl", "prompts")
 @dataclass(frozen=True)
 class TrainConfig:
     # model
-    model: str = "tiny"  # checkpoint directory (Meta or HF layout) or a preset name (random init, for tests/benchmarks)
-    tokenizer: str = ""  # sentencepiece tokenizer.model; default: <model>/tokenizer.model or its parent's
+    model: str = "tiny"  # checkpoint dir (Meta/HF layout or one .gguf), a .gguf file, or a preset (random init)
+    tokenizer: str = ""  # tokenizer file or dir (data.load_tokenizer); default: found with the checkpoint
+    prompt_format: str = "alpaca"  # alpaca (DialogueLLM's ### sections) | chat (the model's own chat template)
     dtype: str = "bf16"  # base weights and activations: bf16 | fp32 (adapters and optimizer are always fp32)
     device: str = "auto"  # auto | cpu | cuda
     kernels: str = "auto"  # Triton kernels: auto (on for CUDA) | on | off
@@ -67,6 +68,7 @@ class TrainConfig:
         _check_choice("kernels", self.kernels, ("auto", "on", "off"))
         _check_choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
         _check_choice("packed_attention", self.packed_attention, ("sdpa", "flex"))
+        _check_choice("prompt_format", self.prompt_format, ("alpaca", "chat"))
         if self.packed_attention == "flex" and not self.packing:
             raise ValueError("--packed_attention flex applies to packed rows: add --packing")
         if self.share_prefix and not self.packing:
@@ -100,6 +102,7 @@ class EvalConfig:
     split: str = "test"
     model: str = ""  # base weights; default: the run's --model
     tokenizer: str = ""  # default: the run's, else found beside the model
+    prompt_format: str = ""  # alpaca | chat; default: the run's (alpaca without a run)
     knowledge: tuple[str, ...] = ()  # default: the run's
     context_turns: str = ""  # default: the run's (2 without a run)
     max_len: int = 0  # default: the run's (512 without a run)
@@ -117,6 +120,7 @@ class EvalConfig:
         _check_choice("dtype", self.dtype, ("", "bf16", "fp32"))
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("kernels", self.kernels, ("", "auto", "on", "off"))
+        _check_choice("prompt_format", self.prompt_format, ("", "alpaca", "chat"))
         if not self.data:
             raise ValueError("--data KIND=PATH is required")
         for spec in self.data:

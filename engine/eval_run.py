@@ -5,10 +5,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from data import Tokenizer
 from model.lora import apply_lora
 
-from .build import build_base_model, lora_config, resolve_tokenizer_path
+from .build import build_base_model, load_codec, lora_config
 from .checkpoint import list_checkpoints, load_trainable
 from .config import EvalConfig, TrainConfig
 from .data import load_example_set, parse_spec, prompt_config
@@ -32,11 +31,12 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
         train_cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
     train_cfg = replace(train_cfg, model=cfg.model or train_cfg.model, tokenizer=cfg.tokenizer or train_cfg.tokenizer,
                         context_turns=cfg.context_turns or train_cfg.context_turns,
-                        max_len=cfg.max_len or train_cfg.max_len)
+                        max_len=cfg.max_len or train_cfg.max_len,
+                        prompt_format=cfg.prompt_format or train_cfg.prompt_format)
     # dtype and kernels follow the run unless given: an fp32 run is evaluated in fp32
     rt = setup_runtime(cfg.device, cfg.dtype or train_cfg.dtype, cfg.kernels or train_cfg.kernels)
     try:
-        tok = Tokenizer(resolve_tokenizer_path(train_cfg))
+        tok = load_codec(train_cfg.model, train_cfg.tokenizer, train_cfg.prompt_format)
         pcfg = prompt_config(train_cfg.context_turns, cfg.n_shots, cfg.shot_seed)
         knowledge = cfg.knowledge or train_cfg.knowledge  # checked against --data by EvalConfig, when given
         sets = [load_example_set(s, cfg.split, pcfg, knowledge) for s in cfg.data]

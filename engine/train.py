@@ -6,9 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from data import Tokenizer
-
-from .build import build_lora_model, resolve_tokenizer_path
+from .build import build_lora_model, load_codec
 from .config import TrainConfig
 from .data import load_example_set, prompt_config, training_data
 from .evaluate import evaluate_sets
@@ -23,7 +21,7 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(f"--packed_attention flex trains on CUDA only (flex_attention has no {rt.device.type} "
                              "backward in torch 2.13); use --packed_attention sdpa")
         seed_everything(cfg.seed)
-        tok = Tokenizer(resolve_tokenizer_path(cfg))
+        tok = load_codec(cfg.model, cfg.tokenizer, cfg.prompt_format)
         train_seqs, fingerprints = training_data(cfg.train_data, tok, max_len=cfg.max_len,
                                                  context_turns=cfg.context_turns, knowledge=cfg.knowledge,
                                                  seed=cfg.seed)

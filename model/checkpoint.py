@@ -1,10 +1,11 @@
-"""Validated loading of pretrained LLaMA 2 weights into our Transformer, from any of three forms.
+"""Validated loading of pretrained LLaMA-family weights into our Transformer, from any of four forms.
 
 Forms (detected from the directory; readers in model/formats.py):
     1. params.json + Meta-named *.safetensors (+ model.safetensors.index.json): what `python -m model.convert`
        writes; the zero-copy path.
     2. params.json + consolidated.NN.pth: Meta's download; model-parallel shards joined per tensor.
     3. config.json + HF-named model*.safetensors (+ index): renamed, wq/wk un-permuted to Meta's rotary order.
+    4. a GGUF file (or a directory holding one): llama.cpp's format, dequantized tensor by tensor (model/gguf.py).
 A Meta params.json with vocab_size -1 ("from the tokenizer") takes the vocabulary from tok_embeddings' rows.
 
 Memory: the model is built on the meta device (no storage), every tensor is fetched, cast to dtype/device
@@ -30,13 +31,20 @@ from torch import nn
 from .formats import FORMS, Checkpoint, CheckpointError, _listing, detect_form, open_checkpoint
 from .llama import Transformer
 
-__all__ = ["FORMS", "CheckpointError", "Checkpoint", "check_against_model", "detect_form", "load_pretrained",
+__all__ = ["FORMS", "CheckpointError", "Checkpoint", "check_against_model", "checkpoint_keys", "detect_form", "load_pretrained",
            "open_checkpoint"]
+
+
+def checkpoint_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint of `model` holds, with shapes: its state dict, less `output.weight` when the
+    output projection is tied to the embedding (stored once, as tok_embeddings.weight)."""
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "output.weight")}
 
 
 def check_against_model(ckpt: Checkpoint, model: nn.Module) -> None:
     """Raise CheckpointError unless ckpt's keys and shapes are exactly model's state dict (model may be on meta)."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = checkpoint_keys(model)
     missing = [k for k in expected if k not in ckpt.specs]
     unexpected = [k for k in ckpt.specs if k not in expected]
     where = f"{ckpt.path} ({ckpt.form})"
@@ -68,7 +76,10 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
         for key in ckpt.specs:
             # one tensor at a time: a cast/permute/join makes at most one transient copy of this tensor
             state[key] = ckpt.fetch(key, dtype, device)
+        if ckpt.config.tie_embeddings:  # one tensor: the output projection is the embedding itself
+            state["output.weight"] = state["tok_embeddings.weight"]
         model.load_state_dict(state, strict=True, assign=True)
+        model.tie_weights()  # assign replaced both Parameters; make them one again
         del state
     left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left:  # would mean a module holds state the checkpoint key check did not see

@@ -1,4 +1,4 @@
-"""Readers for the three on-disk checkpoint forms; each yields Meta-named tensors in Meta's layout.
+"""Readers for the four on-disk checkpoint forms; each yields Meta-named tensors in Meta's layout.
 
     1. "meta-safetensors": params.json + Meta-named *.safetensors (one or many shards, optional
        model.safetensors.index.json {"weight_map": {key: file}}). What model.convert writes.
@@ -7,6 +7,8 @@
        fairscale layers split (_MP_AXIS); norms are replicated; `rope.freqs` is a derived buffer, ignored.
     3. "hf-safetensors": config.json + model*.safetensors (+ model.safetensors.index.json) with HF
        names; renamed with model/hf_keys.py, and wq/wk rows un-permuted from rotate-half order.
+    4. "gguf": one llama.cpp GGUF file (or a directory holding exactly one, and no other form), dequantized
+       per tensor (model/gguf.py). Tensors are always owned copies (dequantization writes new memory).
 
 open_checkpoint(path) reads only JSON and tensor headers (names, shapes, dtypes): every consistency
 check can run before any weight byte is touched. Tensors then come one at a time through
@@ -33,11 +35,12 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .config import ModelConfig, from_hf_config, from_meta_params
+from .gguf import GGUFFile, find_gguf
 from .hf_keys import hf_to_meta_key, permute_to_meta, qk_heads
 
-FORMS = ("meta-safetensors", "meta-pth", "hf-safetensors")
+FORMS = ("meta-safetensors", "meta-pth", "hf-safetensors", "gguf")
 _LOOKED_FOR = ("(1) params.json + Meta-named *.safetensors, (2) params.json + consolidated.NN.pth, "
-               "(3) config.json + HF-named model*.safetensors")
+               "(3) config.json + HF-named model*.safetensors, (4) one *.gguf file")
 _INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Model-parallel split axis per Meta key (layer prefix stripped): ParallelEmbedding splits the embedding
@@ -105,7 +108,10 @@ def detect_form(path: Path) -> str:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; a checkpoint is a directory holding one of {_LOOKED_FOR}")
+        if path.suffix.lower() == ".gguf":
+            return "gguf"
+        raise CheckpointError(f"{path}: not a directory or a .gguf file; a checkpoint is a .gguf file or a "
+                              f"directory holding one of {_LOOKED_FOR}")
     st, pth = sorted(path.glob("*.safetensors")), sorted(path.glob("consolidated.*.pth"))
     has_params, has_config = (path / "params.json").is_file(), (path / "config.json").is_file()
     if st:  # safetensors win over .pth: they load zero-copy
@@ -125,6 +131,11 @@ def detect_form(path: Path) -> str:
         if not has_params:
             raise CheckpointError(f"{path}: consolidated.*.pth but no params.json (looked for {_LOOKED_FOR})")
         return "meta-pth"
+    try:
+        if find_gguf(path) is not None:
+            return "gguf"
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     raise CheckpointError(f"{path}: no checkpoint found; looked for {_LOOKED_FOR}")
 
 
@@ -134,6 +145,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     form = detect_form(path)
     stack = ExitStack()
     try:
+        if form == "gguf":
+            try:
+                gf = GGUFFile(find_gguf(path))
+            except ValueError as e:  # messages name the file
+                raise CheckpointError(str(e)) from None
+            stack.callback(gf.close)
+            return Checkpoint(form, gf.path, gf.config, gf.specs, gf.read, stack)
         if form == "meta-pth":
             shards = _PthShards(path)
             specs, read = shards.specs, shards.read
@@ -150,7 +168,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         else:
             params = read_json(path / "params.json")
             vocab = specs.get("tok_embeddings.weight", ((None,), None))[0][0]
-            cfg = _config(from_meta_params, params, vocab_size=vocab, source=str(path / "params.json"))
+            cfg = _config(from_meta_params, params, vocab_size=vocab, source=str(path / "params.json"),
+                          has_output="output.weight" in specs)
         return Checkpoint(form, path, cfg, specs, read, stack)
     except BaseException:
         stack.close()
@@ -229,6 +248,8 @@ def _hf_view(specs: dict[str, Spec], read: Callable[[str, bool], Tensor], cfg: M
             mk = k  # kept under its HF name so the key check reports it as unexpected
         if mk is not None:  # None: rotary inv_freq buffers, recomputed by the model
             meta_specs[mk], hf_name[mk] = spec, k
+    if cfg.tie_embeddings:  # some tied checkpoints also store lm_head (a copy of the embedding): not loaded
+        meta_specs.pop("output.weight", None)
 
     def read_meta(key: str, owned: bool) -> Tensor:
         heads = qk_heads(key, cfg.n_heads, cfg.n_kv_heads)

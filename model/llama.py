@@ -1,9 +1,13 @@
-"""LLaMA 2 written from scratch, with Meta's module names so Meta checkpoints load as they are.
+"""LLaMA 2 (and the Llama 3.x / SmolLM2 family) written from scratch, with Meta's module names so Meta
+checkpoints load as they are.
 
     h = tok_embeddings(tokens)                                   (B, T, D)
     for each block:  h = h + wo(attn(rope(wq(n1)), rope(wk(n1)), wv(n1)))      n1 = attention_norm(h)
                      h = h + w2(silu(w1(n2)) * w3(n2))                        n2 = ffn_norm(h)
     logits = output(norm(h))                                     (B, T, V)
+
+Llama 3 differs only in its rotary frequencies (model/rope.py); tied models (SmolLM2, Llama 3.2 1B/3B) use the
+token embedding as the output projection: `output.weight` IS `tok_embeddings.weight`, one tensor.
 
 Rotary embeddings use Meta's interleaved pairs (x[2i], x[2i+1]) with fp32 cos/sin (checkpoints in HF's
 rotate-half order are un-permuted at load time, model/checkpoint.py). Attention is SDPA with GQA: causal, or under a caller's
@@ -27,6 +31,7 @@ import kernels
 from kernels import REFERENCE
 
 from .config import ModelConfig
+from .rope import rope_cos_sin
 
 
 def _ops(use_kernels: bool):
@@ -143,6 +148,13 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Tied configs: make output.weight the embedding Parameter itself. Call again after anything that
+        replaces parameters (to_empty, load_state_dict(assign=True)), which would otherwise split the two."""
+        if self.config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     @property
     def checkpointing(self) -> str:
@@ -189,7 +201,7 @@ class Transformer(nn.Module):
             if mask.shape != (B, T, T) or mask.dtype != torch.bool:
                 raise ValueError(f"mask must be bool (B, T, T) = {(B, T, T)}, got {mask.dtype} {tuple(mask.shape)}")
             mask = mask[:, None]  # (B, 1, T, T): shared by all heads
-        cos, sin = REFERENCE.rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.config)  # (T | B T, Dh/2) fp32
         h = self.tok_embeddings(tokens)  # (B, T, D)
         selective = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmul_outputs)}
         for layer in self.layers:

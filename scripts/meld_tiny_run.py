@@ -21,65 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
-from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without an installed package
+from run_common import C_FIXED, ROOT, baselines, git_state, machine, run_logged, scores
 
-import torch  # noqa: E402
-
-from data import MELD_LABELS, load_dialogues  # noqa: E402
-from engine import demo  # noqa: E402
-from engine.metrics import classification_report  # noqa: E402
-from engine.provenance import repo_relative  # noqa: E402
-
-C_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # logistic-regression inverse regularisation, chosen on dev
-C_FIXED = 1.0  # the a-priori choice (scikit-learn's default), reported alongside the dev-selected one
-
-
-def _scores(rep: dict) -> dict:
-    return {k: round(100 * rep[k], 2) for k in ("accuracy", "weighted_f1", "macro_f1")}
-
-
-def _utterances(dialogues) -> tuple[list[str], list[str]]:
-    utts = [u for d in dialogues for u in d.utterances]
-    return [u.text for u in utts], [u.emotion for u in utts]
-
-
-def baselines(meld: Path) -> dict:
-    """Majority class and TF-IDF + logistic regression, fit on train, C chosen on dev, scored on test."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    (x_tr, y_tr), (x_dev, y_dev), (x_te, y_te) = (_utterances(load_dialogues("meld", meld, s))
-                                                  for s in ("train", "dev", "test"))
-    labels = list(MELD_LABELS)
-    majority = Counter(y_tr).most_common(1)[0][0]
-    out = {"majority": {"label": majority, **_scores(classification_report(y_te, [majority] * len(y_te), labels))}}
-
-    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, lowercase=True)
-    f_tr, f_dev, f_te = vec.fit_transform(x_tr), vec.transform(x_dev), vec.transform(x_te)
-    dev_f1 = {}
-    for c in C_GRID:
-        clf = LogisticRegression(C=c, max_iter=2000).fit(f_tr, y_tr)
-        dev_f1[c] = classification_report(y_dev, list(clf.predict(f_dev)), labels)["weighted_f1"]
-    best_c = max(C_GRID, key=lambda c: (dev_f1[c], -c))
-    for key, c in (("tfidf_lr", best_c), ("tfidf_lr_c1", C_FIXED)):
-        clf = LogisticRegression(C=c, max_iter=2000).fit(f_tr, y_tr)
-        out[key] = {"C": c, "C_from": "dev" if key == "tfidf_lr" else "fixed a priori",
-                    **_scores(classification_report(y_te, list(clf.predict(f_te)), labels))}
-    out["tfidf_lr"].update(dev_weighted_f1_by_C={str(c): round(100 * v, 2) for c, v in dev_f1.items()},
-                           n_features=len(vec.vocabulary_))
-    out["n"] = {"train": len(y_tr), "dev": len(y_dev), "test": len(y_te)}
-    return out
+from data import load_dialogues
+from engine import demo
+from engine.provenance import repo_relative
 
 
 def build_base(meld: Path, out: Path, a: argparse.Namespace) -> dict:
@@ -87,21 +39,6 @@ def build_base(meld: Path, out: Path, a: argparse.Namespace) -> dict:
     return demo.build_base(load_dialogues("meld", meld, "train"), out, vocab_size=a.vocab_size, dim=a.dim,
                            n_layers=a.layers, n_heads=a.heads, hidden_dim=a.hidden, steps=a.pretrain_steps,
                            batch=a.pretrain_batch, seq=a.pretrain_seq, lr=a.pretrain_lr, seed=a.seed)
-
-
-def _run(cmd: list[str], log: Path) -> float:
-    """Run a command from the repo root, echoing and saving its output; raise on failure; -> wall seconds."""
-    print("$ " + " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            f.write(line)
-        rc = proc.wait()
-    if rc != 0:
-        raise RuntimeError(f"{cmd[1]} exited with {rc}; see {log}")
-    return time.perf_counter() - t0
 
 
 def train_cmd(meld: Path, base: Path, lora: Path, a: argparse.Namespace) -> list[str]:
@@ -120,24 +57,6 @@ def eval_cmd(meld: Path, lora: Path, a: argparse.Namespace) -> list[str]:
     return [sys.executable, "eval.py", "--run", str(lora), "--data", f"meld={meld}", "--split", "test",
             "--dtype", "fp32", "--kernels", "off", "--batch_size", "16", "--max_examples", str(a.test_max_examples),
             "--out_dir", str(lora / "eval_test_meld")]
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"device": "cpu", "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def git_state() -> dict:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     # the commands run from the repository root (_run), so repository-relative paths name the same directories
     rel_meld, rel_base, rel_lora = (Path(repo_relative(d)) for d in (meld, base, lora))
     tcmd, ecmd = train_cmd(rel_meld, rel_base, rel_lora, a), eval_cmd(rel_meld, rel_lora, a)
-    wall["lora_train"] = _run(tcmd, out / "train.log")
-    wall["test_eval"] = _run(ecmd, out / "eval.log")
+    wall["lora_train"] = run_logged(tcmd, out / "train.log")
+    wall["test_eval"] = run_logged(ecmd, out / "eval.log")
     wall["total"] = time.perf_counter() - t_all
 
     best = json.loads((lora / "best" / "config.json").read_text())
@@ -204,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                       "test_per_class": test["per_class"], "test_confusion_matrix": test["confusion_matrix"]}
     result["test"] = {"n": test["n"], "majority": base_scores["majority"], "tfidf_lr": base_scores["tfidf_lr"],
                       "tfidf_lr_c1": base_scores["tfidf_lr_c1"],
-                      "tiny_llama_lora": _scores(test)}
+                      "tiny_llama_lora": scores(test)}
     result["n_utterances"] = base_scores.pop("n")
     result["wall_s"] = {k: round(v, 1) for k, v in wall.items()}
 
