@@ -20,7 +20,7 @@ from tests.engine.helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_s
 # one run: 24 examples, global batch 4, 4 steps; large Adam eps so that summation order cannot flip an update
 RUN = dict(micro_batch=2, adam_eps=ADAM_EPS, lr=1.0, max_steps=4, save_every=100)
 N_EXAMPLES = 24
-WATCHDOG_S = 150  # a hung worker ends itself (SIGALRM) before the test's own timeout
+WATCHDOG_S = 240  # a hung worker ends itself (SIGALRM) before the test's own timeout
 
 
 def _run(root: Path, **kw) -> dict:

@@ -23,7 +23,7 @@ from engine.loop import train_loop
 from .helpers import base_cfg, synthetic_sequences, tiny_setup
 from .resume_worker import N_EXAMPLES, RUN, WATCHDOG_S
 
-TORCHRUN_TIMEOUT_S = 180  # two tiny processes take ~10 s; a hang fails the test instead of blocking CI
+TORCHRUN_TIMEOUT_S = 300  # ~10 s idle, ~60 s on a busy 2-core box; a hang fails the test instead of blocking CI
 
 
 def _run(cfg, seqs=None, evaluator=None):
