@@ -61,10 +61,11 @@ from pathlib import Path
 
 import torch
 
-from data import Tokenizer, encode_prompt, encode_response
+from data import PromptCodec, build_codec, encode_prompt, encode_response, load_tokenizer
 from benchmarks.hf_baseline import build_hf, hf_step, sync, time_hf_eval
+from benchmarks.matmul import matmul_tflops
 from engine.batching import Batch, Sequence, collate
-from engine.build import build_base_model
+from engine.build import build_base_model, resolve_tokenizer_path
 from engine.data import load_example_set, prompt_config, training_sequences
 from engine.decode import predict_labels
 from engine.loss import SupervisedLoss
@@ -122,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="", help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--meld", default=str(SHARED / "data" / "meld") if (SHARED / "data" / "meld").is_dir()
                    else str(DEMO_MELD))
-    p.add_argument("--tokenizer", default=str(SHARED / "tokenizer" / "llama2" / "tokenizer.model"))
+    p.add_argument("--tokenizer", default="", help="default: the checkpoint's own (--model DIR), else LLaMA 2's")
     p.add_argument("--context-turns", default="2")
     p.add_argument("--max-len", type=int, default=512, help="ERC truncation length and packed row capacity")
     p.add_argument("--seq-len", type=int, default=512, help="row length in --mode fixed")
@@ -174,22 +175,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- device, batches, FLOPs
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matmul rate (TFLOP/s): best of several n^3 GEMMs (n = 8192 on CUDA, 512 on CPU)."""
-    n = 8192 if device.type == "cuda" else 512
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    times = []
-    for i in range(13):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        if i >= 3:  # the first calls pick kernels and warm clocks
-            times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times) / 1e12
+def erc_codec(args) -> PromptCodec:
+    """--tokenizer, else the checkpoint's own (engine.build.resolve_tokenizer_path), else LLaMA 2's for a preset;
+    DialogueLLM's alpaca prompts. Records the file used in args.tokenizer (the report's config)."""
+    if not args.tokenizer:
+        args.tokenizer = str(resolve_tokenizer_path(args.model) if Path(args.model).is_dir()
+                             else SHARED / "tokenizer" / "llama2" / "tokenizer.model")
+    return build_codec(load_tokenizer(args.tokenizer), "alpaca")
 
 
-def erc_sequences(args, tok: Tokenizer) -> list[Sequence]:
+def erc_sequences(args, tok: PromptCodec) -> list[Sequence]:
     seqs = training_sequences((f"meld={args.meld}",), tok, max_len=args.max_len, context_turns=args.context_turns,
                               knowledge=(), seed=args.seed)
     random.Random(args.seed).shuffle(seqs)
@@ -302,7 +297,7 @@ def _memory_start(device) -> float | None:
     return torch.cuda.memory_allocated(device) / 2**30
 
 
-def eval_data(args, tok: Tokenizer):
+def eval_data(args, tok: PromptCodec):
     eset = load_example_set(f"meld={args.meld}", "dev", prompt_config(args.context_turns))
     examples = eset.examples[:args.eval_examples]
     words = examples[0].choices
@@ -412,7 +407,7 @@ def build_report(args, rt, mcfg, batches, runs, systems, failed, evals, peak_tfl
         "torch": torch.__version__, "complete": complete,
         "model_name": path_label(args.model) if Path(args.model).is_dir() else args.model, "n_params": mcfg.n_params,
         "config": {**{k: v for k, v in vars(args).items() if k not in ("systems", "variants")},
-                   **{k: repo_relative(getattr(args, k)) for k in ("meld", "tokenizer", "out")},
+                   **{k: getattr(args, k) and repo_relative(getattr(args, k)) for k in ("meld", "tokenizer", "out")},
                    "model": repo_relative(args.model) if Path(args.model).is_dir() else args.model,
                    "systems": list(args.systems), "variants": [v.spec for v in args.variants],
                    "lora_targets": list(lora_targets(args)), "model_config": asdict(mcfg)},
@@ -431,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rt = setup_runtime(args.device, args.dtype, args.kernels)
     device = rt.device
-    tok = Tokenizer(args.tokenizer) if args.mode == "erc" else None
+    tok = erc_codec(args) if args.mode == "erc" else None
     pad_id = tok.pad_id if tok else 0
     mcfg = model_config(args, tok.vocab_size if tok else None)
     n_seqs = (args.warmup + args.steps) * args.micro_batch
@@ -480,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                     evals["ours_system"] = name
                 else:
                     evals["hf_utt_per_s"], evals["hf_matched_fraction"] = time_hf_eval(
-                        net, prompts, candidates, words, args, tok, device)
+                        net, prompts, candidates, words, args, tok.tok, device)
         except Exception as e:  # noqa: BLE001 - reported in the JSON and on stderr, then the next system runs
             if len(runs) == 1:
                 raise
