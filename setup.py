@@ -23,6 +23,8 @@ setup(
         "einops>=0.7",
         "scikit-learn>=1.3",
     ],
-    extras_require={"test": ["pytest>=8", "transformers>=4.45", "peft>=0.13", "psutil>=5"]},
+    extras_require={"test": ["pytest>=8", "transformers>=4.45", "peft>=0.13", "psutil>=5"],
+                    # tokenizer.json, Llama 3's tiktoken tokenizer.model and GGUF checkpoints (data/tokenizer.py)
+                    "formats": ["gguf", "tokenizers", "tiktoken"]},
     entry_points={"console_scripts": ["llama-erc-train=train:main", "llama-erc-eval=eval:main"]},
 )
