@@ -168,6 +168,23 @@ def load_hf_tokenizer(path: Path) -> BPETokenizer:
                         chat_template=_chat_template(tok_cfg, directory))
 
 
+def save_hf_tokenizer(tok: BPETokenizer, directory: str | Path) -> list[Path]:
+    """Write `tok` as tokenizer.json + tokenizer_config.json (bos/eos/pad tokens by name, add_bos_token,
+    chat_template), which load_hf_tokenizer reads back as the same tokenizer: ids, specials, add_bos, template."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.full.save(str(directory / "tokenizer.json"))
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": tok.add_bos}
+    for name, token_id in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
+        if token_id is not None:
+            config[f"{name}_token"] = tok.full.id_to_token(int(token_id))
+    if tok.chat_template is not None:
+        config["chat_template"] = tok.chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                     encoding="utf-8")
+    return [directory / "tokenizer.json", directory / "tokenizer_config.json"]
+
+
 # --- GGUF ----------------------------------------------------------------------------------------------------
 
 def _gguf_fields(path: Path) -> dict[str, Any]:

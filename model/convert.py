@@ -1,10 +1,17 @@
-"""Convert a checkpoint (form 2: Meta consolidated.NN.pth, or form 3: HF safetensors) to form 1.
+"""Convert a checkpoint (form 2: Meta consolidated.NN.pth, form 3: HF safetensors, form 4: GGUF) to form 1.
 
-    python -m model.convert SRC DST [--dtype bf16|fp16|fp32] [--max-shard-size 2GB]
+    python -m model.convert SRC DST [--dtype bf16|fp16|fp32] [--max-shard-size 2GB] [--no-tokenizer]
 
 DST gets Meta-named safetensors shards (model.safetensors, or model-00001-of-0000N.safetensors ...),
 model.safetensors.index.json {"metadata": {"total_size": bytes}, "weight_map": {key: file}}, a params.json
-that rebuilds the exact ModelConfig (model.config.to_meta_params), and SRC's tokenizer.model if it has one.
+that rebuilds the exact ModelConfig (model.config.to_meta_params), and the tokenizer:
+  * a directory source: the tokenizer files it has (TOKENIZER_FILES: tokenizer.model, tokenizer.json,
+    tokenizer_config.json, chat_template.jinja, ...), copied as they are;
+  * a GGUF source (SRC is the .gguf file or a directory holding one): the embedded vocabulary written as
+    tokenizer.json + tokenizer_config.json (data.tokenizer_bpe.save_hf_tokenizer), which data.load_tokenizer
+    reads as the same tokenizer as the GGUF itself. It is built before anything is written; a GGUF whose
+    vocabulary data/ cannot read (SentencePiece-style) is refused unless --no-tokenizer is given.
+Tied embeddings are stored once (tok_embeddings.weight; params.json says tie_embeddings).
 Every later load_pretrained(DST) is then a zero-copy safetensors load.
 
 The source is validated exactly as load_pretrained does before anything is written. Tensors stream one
@@ -24,9 +31,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, check_against_model, open_checkpoint
+from .checkpoint import CheckpointError, check_against_model, checkpoint_keys, open_checkpoint
 from .config import to_meta_params
+from .gguf import field_value, import_gguf
 from .llama import Transformer
+
+# copied from a directory source when present: what data.load_tokenizer reads (tokenizer.json's side files too)
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -56,9 +68,26 @@ def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return shards
 
 
+def _gguf_tokenizer(path: Path):
+    """The GGUF's embedded tokenizer as data/ builds it, or None when the file has no vocabulary.
+
+    The one import from data/ in model/ (lazy, GGUF conversion only): the vocabulary -> tokenizer.json rules
+    live there, next to the reader that must agree with them."""
+    reader = import_gguf(path).GGUFReader(str(path), "r")
+    if field_value(reader, "tokenizer.ggml.model") is None:
+        return None
+    from data.schema import DataError
+    from data.tokenizer_bpe import load_gguf_tokenizer
+    try:
+        return load_gguf_tokenizer(path)
+    except DataError as e:
+        raise CheckpointError(f"{path}: cannot write its tokenizer ({e}); pass --no-tokenizer to convert the "
+                              "weights only") from None
+
+
 def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
-            max_shard_size: int = 2 * 10**9) -> list[Path]:
-    """Write form 1 of the checkpoint at src into dst; returns the shard paths."""
+            max_shard_size: int = 2 * 10**9, tokenizer: bool = True) -> list[Path]:
+    """Write form 1 of the checkpoint at src into dst (plus the tokenizer, see above); returns the shard paths."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: destination is the source directory")
@@ -68,7 +97,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = Non
         with torch.device("meta"):
             model = Transformer(ckpt.config)
         check_against_model(ckpt, model)
-        keys = list(model.state_dict())  # our module order, so a shard holds neighbouring layers
+        tok = _gguf_tokenizer(ckpt.path) if tokenizer and ckpt.form == "gguf" else None
+        keys = list(checkpoint_keys(model))  # our module order (a shard holds neighbouring layers); tied: no output
         out_dtype = {k: dtype or ckpt.specs[k][1] for k in keys}
         sizes = {k: _numel(ckpt.specs[k][0]) * out_dtype[k].itemsize for k in keys}
         plan = _plan_shards(sizes, max_shard_size)
@@ -87,8 +117,13 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = Non
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (dst / "params.json").write_text(json.dumps(to_meta_params(ckpt.config), indent=2) + "\n")
-    if (src / "tokenizer.model").is_file():
-        shutil.copyfile(src / "tokenizer.model", dst / "tokenizer.model")
+        if tok is not None:
+            from data.tokenizer_bpe import save_hf_tokenizer
+            save_hf_tokenizer(tok, dst)
+        elif tokenizer and src.is_dir():
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, dst / name)
     return paths
 
 
@@ -101,13 +136,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("src", type=Path, help="checkpoint directory: Meta consolidated.NN.pth or HF safetensors")
+    p.add_argument("src", type=Path, help="checkpoint: a directory (Meta consolidated.NN.pth, HF safetensors) "
+                                          "or a .gguf file (or a directory holding one)")
     p.add_argument("dst", type=Path, help="output directory (created; must not already hold a checkpoint)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast every tensor (default: keep the source dtype)")
     p.add_argument("--max-shard-size", type=parse_size, default="2GB", help="bytes per shard, e.g. 2GB (default)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write the weights only (no tokenizer files)")
     args = p.parse_args(argv)
     try:
-        paths = convert(args.src, args.dst, dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size)
+        paths = convert(args.src, args.dst, dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
+                        tokenizer=not args.no_tokenizer)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

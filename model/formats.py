@@ -69,6 +69,7 @@ class Checkpoint:
     specs: dict[str, Spec]               # Meta key (or the raw name when it has none) -> (shape, dtype)
     _read: Callable[[str, bool], Tensor] = field(repr=False)  # (Meta key, owned) -> CPU, Meta layout, file dtype
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+    _read_as: Callable[[str, torch.dtype], Tensor] | None = field(default=None, repr=False)  # GGUF: (key, dtype) -> CPU
 
     def fetch(self, key: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
               zero_copy: bool = True) -> Tensor:
@@ -78,6 +79,8 @@ class Checkpoint:
         """
         src_dtype = self.specs[key][1]
         dtype = dtype or src_dtype
+        if self._read_as is not None:  # dequantized straight into dtype: no full-size copy in the spec's dtype
+            return self._read_as(key, dtype).to(device=device)
         view_ok = zero_copy and torch.device(device).type == "cpu" and dtype == src_dtype
         return self._read(key, not view_ok).to(device=device, dtype=dtype).contiguous()
 
@@ -151,7 +154,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             except ValueError as e:  # messages name the file
                 raise CheckpointError(str(e)) from None
             stack.callback(gf.close)
-            return Checkpoint(form, gf.path, gf.config, gf.specs, gf.read, stack)
+            return Checkpoint(form, gf.path, gf.config, gf.specs, gf.read, stack,
+                              lambda key, dtype: gf.read(key, True, dtype))
         if form == "meta-pth":
             shards = _PthShards(path)
             specs, read = shards.specs, shards.read

@@ -1,10 +1,17 @@
-"""Test helpers: tiny random HF LlamaForCausalLM models and the three checkpoint forms derived from them.
+"""Test helpers: tiny random HF LlamaForCausalLM models and the checkpoint forms derived from them.
+
+Forms: hf (HF safetensors, config.json as transformers 5 writes it: `rope_parameters`), hf_rope_scaling (the same
+weights, config.json hand-written in transformers 4's spelling: `rope_scaling` + top-level rope_theta; Llama 3
+specs only), meta_st (model.convert), meta_pth (Meta's consolidated.NN.pth + params.json with use_scaled_rope)
+and gguf (llama.cpp's layout, tests/model/helpers_gguf.py; all F32 so it holds HF's exact weights).
 
 transformers is a test-only reference; test modules importorskip it before importing this file.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +21,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from model.config import meta_hidden_dim
 from model.convert import main as convert_main
 from model.hf_keys import hf_to_meta_key, permute_to_meta, qk_heads
+from tests.model.helpers_gguf import llama3_rope_factors, write_gguf
+
+# Llama 3 rotary scaling (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings): Llama 3.1's
+# and Llama 3.2's standard values, the ones a GGUF rope_freqs tensor is matched against
+LLAMA31_ROPE = (8.0, 1.0, 4.0, 8192)
+LLAMA32_ROPE = (32.0, 1.0, 4.0, 8192)
+# Llama 3 specs run on longer sequences: the scaled frequencies are the slow ones (wavelengths over 2048), so
+# they move the logits only over long relative distances (plain rotary: 1e-3 off HF at 13 tokens, 1.5e-2 at 256)
+LLAMA3_SEQ_LEN = 256
 
 
 @dataclass(frozen=True)
@@ -28,6 +44,8 @@ class TinySpec:
     eps: float = 1e-5
     theta: float = 10000.0
     attn: str = "eager"
+    rope: tuple[float, float, float, int] | None = None  # Llama 3 scaling, see LLAMA31_ROPE
+    tied: bool = False                                  # tie_word_embeddings
 
 
 SPECS = [
@@ -37,6 +55,15 @@ SPECS = [
     TinySpec("mha_odd", hidden=40, heads=5, kv_heads=5, intermediate=72, vocab=61, attn="sdpa"),
     # MQA (one KV head), three layers
     TinySpec("mqa", hidden=32, heads=4, kv_heads=1, intermediate=88, vocab=50, layers=3, attn="sdpa"),
+    # Llama 3.1-style rotary scaling (head_dim 16, theta 5e5: 1 frequency in the smooth band, 3 scaled down)
+    TinySpec("llama3", hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=97, theta=500000.0,
+             rope=LLAMA31_ROPE),
+    # tied embeddings (SmolLM2-style: plain rotary)
+    TinySpec("tied", hidden=48, heads=6, kv_heads=3, intermediate=128, vocab=89, theta=100000.0, tied=True,
+             attn="sdpa"),
+    # both at once (Llama 3.2 1B/3B-style: factor 32)
+    TinySpec("llama3_tied", hidden=64, heads=4, kv_heads=1, intermediate=96, vocab=71, theta=500000.0,
+             rope=LLAMA32_ROPE, tied=True),
 ]
 
 # Meta's model-parallel split axis (fairscale ParallelEmbedding / Column- / RowParallelLinear), written
@@ -46,18 +73,24 @@ _SPLIT = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, 
 
 def make_hf_model(spec: TinySpec, seed: int = 0) -> LlamaForCausalLM:
     """fp32 LlamaForCausalLM with O(1)-scale random weights (HF's 0.02 init gives near-zero logits)
-    and random norm weights, so a swapped norm or a wrong q/k permutation changes the logits."""
+    and random norm weights, so a swapped norm or a wrong q/k permutation changes the logits.
+    A tied embedding is also the output projection, so it gets the 1/sqrt(fan-in) scale of a linear."""
+    rope = {"rope_type": "default", "rope_theta": spec.theta}
+    if spec.rope is not None:
+        factor, low, high, original = spec.rope
+        rope.update(rope_type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                    original_max_position_embeddings=original)
     cfg = LlamaConfig(hidden_size=spec.hidden, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
                       intermediate_size=spec.intermediate, vocab_size=spec.vocab, num_hidden_layers=spec.layers,
-                      max_position_embeddings=64, rms_norm_eps=spec.eps, rope_theta=spec.theta,
-                      tie_word_embeddings=False, attn_implementation=spec.attn)
+                      max_position_embeddings=64 if spec.rope is None else 16384, rms_norm_eps=spec.eps,
+                      rope_parameters=rope, tie_word_embeddings=spec.tied, attn_implementation=spec.attn)
     model = LlamaForCausalLM(cfg).float().eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name:
+            elif "embed_tokens" in name and not spec.tied:
                 p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
@@ -71,13 +104,25 @@ def save_hf(model: LlamaForCausalLM, path: Path, max_shard_size: str = "8KB") ->
     return path
 
 
+def hf_rope_scaling_copy(hf: Path, dst: Path) -> Path:
+    """The HF checkpoint at hf with config.json in transformers 4's spelling: rope_scaling + top-level rope_theta."""
+    shutil.copytree(hf, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    assert rope["rope_type"] == "llama3", rope
+    cfg["rope_scaling"] = rope
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
 def meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
-    """HF weights renamed to Meta keys, wq/wk rows back in Meta's interleaved rotary order."""
+    """HF weights renamed to Meta keys, wq/wk rows back in Meta's interleaved rotary order (tied: no output)."""
     cfg = model.config
     out = {}
     for k, v in model.state_dict().items():
         mk = hf_to_meta_key(k)
-        if mk is None:
+        if mk is None or (mk == "output.weight" and cfg.tie_word_embeddings):
             continue
         heads = qk_heads(mk, cfg.num_attention_heads, cfg.num_key_value_heads)
         out[mk] = (v if heads is None else permute_to_meta(v, heads)).detach().clone()
@@ -85,14 +130,22 @@ def meta_state_dict(model: LlamaForCausalLM) -> dict[str, torch.Tensor]:
 
 
 def meta_style_params(spec: TinySpec) -> dict:
-    """params.json as Meta writes it: multiple_of/ffn_dim_multiplier for the FFN size, vocab_size -1."""
+    """params.json as Meta writes it: multiple_of/ffn_dim_multiplier for the FFN size, vocab_size -1; Llama 3:
+    use_scaled_rope, with rope_scaling_factor only when it is not Meta's default 8 (Llama 3.2's 32). Tied: no
+    key at all (the checkpoint simply has no output.weight)."""
     base = int(2 * 4 * spec.hidden / 3)
     multiplier = spec.intermediate / base
     multiple_of = 4 if spec.intermediate % 4 == 0 else 1
     assert meta_hidden_dim(spec.hidden, multiple_of, multiplier) == spec.intermediate, spec
-    return {"dim": spec.hidden, "n_layers": spec.layers, "n_heads": spec.heads, "n_kv_heads": spec.kv_heads,
-            "vocab_size": -1, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
-            "norm_eps": spec.eps, "rope_theta": spec.theta}
+    params = {"dim": spec.hidden, "n_layers": spec.layers, "n_heads": spec.heads, "n_kv_heads": spec.kv_heads,
+              "vocab_size": -1, "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier,
+              "norm_eps": spec.eps, "rope_theta": spec.theta}
+    if spec.rope is not None:
+        assert spec.rope[1:] == (1.0, 4.0, 8192), "Meta's params.json has no keys for non-standard values"
+        params["use_scaled_rope"] = True
+        if spec.rope[0] != 8.0:
+            params["rope_scaling_factor"] = spec.rope[0]
+    return params
 
 
 def write_meta_pth(state: dict[str, torch.Tensor], params: dict, path: Path, n_shards: int = 2) -> Path:
@@ -112,16 +165,33 @@ def write_meta_pth(state: dict[str, torch.Tensor], params: dict, path: Path, n_s
     return path
 
 
+def gguf_rope_factors(spec: TinySpec):
+    """rope_freqs.weight for a Llama 3 spec (None for plain rotary)."""
+    if spec.rope is None:
+        return None
+    return llama3_rope_factors(spec.hidden // spec.heads, spec.theta, *spec.rope)
+
+
 def build_forms(spec: TinySpec, root: Path, seed: int = 0) -> tuple[LlamaForCausalLM, dict[str, Path]]:
-    """The HF model and its three forms: hf (form 3, sharded), meta_st (form 1, via model.convert),
-    meta_pth (form 2, two model-parallel shards, Meta-style params.json with vocab_size -1)."""
+    """The HF model and its forms: hf (form 3, sharded), hf_rope_scaling (Llama 3 specs: form 3 with
+    transformers 4's config spelling), meta_st (form 1, via model.convert), meta_pth (form 2, two
+    model-parallel shards, Meta-style params.json with vocab_size -1) and gguf (form 4, all F32; when the gguf
+    package is installed)."""
     model = make_hf_model(spec, seed)
     hf = save_hf(model, root / "hf")
     (hf / "tokenizer.model").write_bytes(b"not a real sentencepiece model")  # convert copies it
+    forms = {"hf": hf}
+    if spec.rope is not None:
+        forms["hf_rope_scaling"] = hf_rope_scaling_copy(hf, root / "hf_rope_scaling")
     assert convert_main([str(hf), str(root / "meta_st"), "--max-shard-size", "10KB"]) == 0
-    pth = write_meta_pth(meta_state_dict(model), meta_style_params(spec), root / "meta_pth")
-    return model, {"hf": hf, "meta_st": root / "meta_st", "meta_pth": pth}
+    forms["meta_st"] = root / "meta_st"
+    forms["meta_pth"] = write_meta_pth(meta_state_dict(model), meta_style_params(spec), root / "meta_pth")
+    if importlib.util.find_spec("gguf") is not None:  # the formats extra
+        forms["gguf"] = write_gguf(model, root / "gguf" / "tiny.gguf", rope_factors=gguf_rope_factors(spec))
+    return model, forms
 
 
-def tokens_for(spec: TinySpec, batch: int = 2, length: int = 13, seed: int = 1) -> torch.Tensor:
+def tokens_for(spec: TinySpec, batch: int = 2, length: int | None = None, seed: int = 1) -> torch.Tensor:
+    """(batch, length) random ids; length defaults to 13, LLAMA3_SEQ_LEN for Llama 3 specs."""
+    length = length or (13 if spec.rope is None else LLAMA3_SEQ_LEN)
     return torch.randint(0, spec.vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
