@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if "ft" not in skip:
         lora = rel_out / "lora"
         cmd = train_cmd(model, meld, lora, a)
-        result["commands"]["train"] = " ".join(cmd)
+        result["commands"]["train"] = " ".join([repo_relative(cmd[0])] + cmd[1:])  # no machine path
         # torchrun sets OMP_NUM_THREADS=1 unless it is set: give the one CPU process every core
         wall["train"] = round(run_logged(cmd, out / "train.log", env={"OMP_NUM_THREADS": str(os.cpu_count())}), 1)
         evals = [r for r in map(json.loads, (ROOT / lora / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
