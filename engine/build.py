@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from data import PromptCodec, build_codec, load_tokenizer
+from data.tokenizer import DIR_LOOKUP  # what load_tokenizer looks for in a directory
 from model import MODEL_PRESETS, ModelConfig, Transformer, preset
 from model.checkpoint import load_pretrained
 from model.lora import LoRAConfig, apply_lora, set_lora_fused
@@ -15,7 +16,6 @@ from model.lora import LoRAConfig, apply_lora, set_lora_fused
 from .config import TrainConfig
 from .runtime import Runtime
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "*.gguf")  # what load_tokenizer finds in a directory
 
 
 def lora_config(cfg: TrainConfig) -> LoRAConfig:
@@ -34,11 +34,11 @@ def resolve_tokenizer_path(model: str, tokenizer: str = "") -> Path:
     if model_path.is_file():
         return model_path
     if model_path.is_dir():
-        if any(any(model_path.glob(pattern)) for pattern in TOKENIZER_FILES):
+        if any(any(model_path.glob(pattern)) for pattern in DIR_LOOKUP):
             return model_path
         if (model_path.parent / "tokenizer.model").is_file():
             return model_path.parent / "tokenizer.model"
-    raise ValueError(f"no tokenizer: pass --tokenizer (looked for {', '.join(TOKENIZER_FILES)} in {model_path} and "
+    raise ValueError(f"no tokenizer: pass --tokenizer (looked for {', '.join(DIR_LOOKUP)} in {model_path} and "
                      "tokenizer.model in its parent)")
 
 

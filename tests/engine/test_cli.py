@@ -5,18 +5,10 @@ import pytest
 
 import eval as eval_script
 import train as train_script
-from data import MELD_LABELS, load_dialogues, train_tokenizer
+from data import MELD_LABELS
 from engine.demo import DEMO_DATA
 
 MELD = f"meld={DEMO_DATA}"
-
-
-@pytest.fixture(scope="module")
-def demo_tokenizer(tmp_path_factory):
-    texts = [u.text for d in load_dialogues("meld", DEMO_DATA, "train") for u in d.utterances]
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    train_tokenizer(texts + list(MELD_LABELS) + ["Identify the emotion of the target utterance"], 400, path)
-    return str(path)
 
 
 def test_train_then_eval(tmp_path, demo_tokenizer, capsys):

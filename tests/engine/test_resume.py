@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train as train_script
-from data import MELD_LABELS, load_dialogues, train_tokenizer
 from engine.checkpoint import list_checkpoints, save_checkpoint
 from engine.config import EvalConfig, TrainConfig, parse_config
 from engine.demo import DEMO_DATA
@@ -266,14 +265,6 @@ def test_config_file_wrong_type_is_a_named_error(tmp_path, capsys, key, value):
 
 
 # 7. changed data ----------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def demo_tokenizer(tmp_path_factory):
-    texts = [u.text for d in load_dialogues("meld", DEMO_DATA, "train") for u in d.utterances]
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    train_tokenizer(texts + list(MELD_LABELS) + ["Identify the emotion of the target utterance"], 400, path)
-    return str(path)
-
 
 def test_resume_on_changed_training_data_is_refused(tmp_path, demo_tokenizer, capsys):
     data = tmp_path / "meld"
