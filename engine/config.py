@@ -39,6 +39,11 @@ class TrainConfig:
     packing: bool = False  # pack each micro-batch's examples into rows of <= max_len tokens (no padding waste)
     packed_attention: str = "sdpa"  # with --packing: sdpa (bool block-diagonal mask) | flex (BlockMask; CUDA only)
     share_prefix: bool = False  # with --packing: each row holds the examples' common prompt prefix once
+    # ERC levers beyond DialogueLLM's prompt (README, "ERC levers")
+    task: str = "erc"  # erc | speaker (InstructERC's speaker-identification warm-up stage; data/prompts.py)
+    init_adapters: str = ""  # start the LoRA weights from a run dir or checkpoint dir (e.g. a speaker stage)
+    retrieval: str = "none"  # none | tfidf: show the most similar train utterance of another dialogue, with its label
+    aux_impact: float = 0.0  # weight alpha of the emotion-impact auxiliary task (next speaker's emotion); 0 = off
     # optimisation
     micro_batch: int = 8
     grad_accum: int = 16  # global batch = micro_batch * grad_accum * world_size (the paper: 128)
@@ -69,6 +74,13 @@ class TrainConfig:
         _check_choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
         _check_choice("packed_attention", self.packed_attention, ("sdpa", "flex"))
         _check_choice("prompt_format", self.prompt_format, ("alpaca", "chat"))
+        _check_choice("task", self.task, ("erc", "speaker"))
+        _check_choice("retrieval", self.retrieval, ("none", "tfidf"))
+        if not 0.0 <= self.aux_impact <= 1.0:
+            raise ValueError(f"--aux_impact must be in [0, 1] (the auxiliary loss weight alpha), got {self.aux_impact}")
+        if self.task == "speaker" and (self.aux_impact or self.retrieval != "none"):
+            raise ValueError("--task speaker is the context-free warm-up stage: it takes no --aux_impact or "
+                             "--retrieval")
         if self.packed_attention == "flex" and not self.packing:
             raise ValueError("--packed_attention flex applies to packed rows: add --packing")
         if self.share_prefix and not self.packing:
@@ -114,6 +126,8 @@ class EvalConfig:
     dtype: str = ""  # default: the run's (bf16 without a run)
     device: str = "auto"
     kernels: str = ""  # default: the run's (auto without a run)
+    retrieval: str = ""  # none | tfidf; default: the run's (none without a run)
+    calibration: str = "none"  # dev: add the per-label log-prior offsets fit on the dev split (engine/calibration.py)
 
     def __post_init__(self) -> None:
         _check_choice("split", self.split, ("train", "dev", "test"))
@@ -121,6 +135,10 @@ class EvalConfig:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("kernels", self.kernels, ("", "auto", "on", "off"))
         _check_choice("prompt_format", self.prompt_format, ("", "alpaca", "chat"))
+        _check_choice("retrieval", self.retrieval, ("", "none", "tfidf"))
+        _check_choice("calibration", self.calibration, ("none", "dev"))
+        if self.calibration == "dev" and not self.run:
+            raise ValueError("--calibration dev applies a fine-tuned run's offsets: add --run")
         if not self.data:
             raise ValueError("--data KIND=PATH is required")
         for spec in self.data:

@@ -65,9 +65,14 @@ def training_sequences(specs: tuple[str, ...], tok: Tokenizer, *, max_len: int, 
 
 
 def training_data(specs: tuple[str, ...], tok: Tokenizer, *, max_len: int, context_turns: str,
-                  knowledge: tuple[str, ...], seed: int) -> tuple[list[Sequence], dict[str, dict]]:
+                  knowledge: tuple[str, ...], seed: int, task: str = "erc", retrieval: str = "none",
+                  aux_impact: float = 0.0) -> tuple[list[Sequence], dict[str, dict]]:
     """training_sequences, and {dataset: engine.resume.fingerprint of its sequences}, which a resume compares
-    (a dataset is named by its kind, or by its whole spec where two specs share a kind)."""
+    (a dataset is named by its kind, or by its whole spec where two specs share a kind).
+
+    task "speaker": InstructERC's speaker-identification prompts instead of ERC ones; retrieval "tfidf": each
+    ERC prompt shows its retrieved demonstration; aux_impact > 0: the emotion-impact examples are added, with
+    loss weight aux_impact (see TrainConfig)."""
     if not specs:
         raise ValueError("no training data: pass --train_data KIND=PATH (kinds: meld, emorynlp, iemocap, "
                          "jsonl, prompts)")

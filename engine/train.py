@@ -24,7 +24,8 @@ def train(cfg: TrainConfig) -> dict:
         tok = load_codec(cfg.model, cfg.tokenizer, cfg.prompt_format)
         train_seqs, fingerprints = training_data(cfg.train_data, tok, max_len=cfg.max_len,
                                                  context_turns=cfg.context_turns, knowledge=cfg.knowledge,
-                                                 seed=cfg.seed)
+                                                 seed=cfg.seed, task=cfg.task, retrieval=cfg.retrieval,
+                                                 aux_impact=cfg.aux_impact)
         dev_sets = [load_example_set(s, "dev", prompt_config(cfg.context_turns), cfg.knowledge)
                     for s in cfg.dev_data]
         if rt.is_main:
