@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 CHECKPOINT_FILES = ("adapters.safetensors", "optimizer.pt", "state.pt", "config.json")
+# What decides the adapters' shapes and scale: a later stage (--init_adapters) must match the earlier one on each
+INIT_LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
 _STEP_DIR = re.compile(r"step_(\d+)")
 
 
@@ -195,6 +197,34 @@ def load_trainable(model: nn.Module, file: Path) -> None:
     if not file.is_file():
         raise ValueError(f"{file}: no such adapter file")
     copy_trainable(model, load_file(str(file)), file)
+
+
+def find_adapters(run: Path, flag: str = "--run") -> tuple[Path, Path]:
+    """(adapters.safetensors, config.json) of a run dir (best/ first, else newest checkpoint) or checkpoint dir."""
+    for d in [run / "best", run] + list(reversed(list_checkpoints(run))):
+        if (d / "adapters.safetensors").is_file() and (d / "config.json").is_file():
+            return d / "adapters.safetensors", d / "config.json"
+    raise ValueError(f"{flag} {run}: no adapters.safetensors with a config.json in it, its best/ or checkpoints/")
+
+
+def init_adapters_file(path: str | Path, train: dict) -> Path:
+    """The adapters.safetensors a new stage starts from (--init_adapters PATH, a run dir or a checkpoint dir),
+    checked without loading the model: it exists, and the run that wrote it had the LoRA shape of `train` (the
+    current config as a dict) on every INIT_LORA_KEYS field, else a ValueError names the field and both values."""
+    run = Path(path)
+    if not run.exists():
+        raise ValueError(f"--init_adapters {run}: no such run or checkpoint directory")
+    adapters, config_file = find_adapters(run, "--init_adapters")
+    try:
+        saved = json.loads(config_file.read_text())["train"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--init_adapters {config_file}: unreadable run config ({type(e).__name__}: {e})") from None
+    for key in INIT_LORA_KEYS:
+        then, now = saved.get(key), train[key]
+        if (tuple(then) if isinstance(then, list) else then) != now:  # JSON turns the targets tuple into a list
+            raise ValueError(f"--init_adapters {run}: {key} was {then!r} in that run, {now!r} now; the LoRA "
+                             f"shape must match ({', '.join(INIT_LORA_KEYS)})")
+    return adapters
 
 
 def apply_checkpoint(ckpt: LoadedCheckpoint, *, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
