@@ -4,9 +4,10 @@ The data position is implied by the optimizer step: step s is batch s % steps_pe
 s // steps_per_epoch, whose examples are a slice of that epoch's seeded permutation. Each global batch
 (micro_batch * grad_accum * world_size examples) is cut into contiguous per-rank slices, each split into
 grad_accum micro-batches. Every rank can therefore also count the supervised tokens of the whole global
-batch without communicating, which is what the loss is normalised by.
+batch without communicating, which is what the loss is normalised by: each token weighted by its example's
+`Sequence.weight` (1, or alpha for an auxiliary task's examples), the loss being sum_t w_t CE_t / sum_t w_t.
 
-A micro-batch reaches the model as a `Batch`: right-padded rows from `collate`, or packed rows from
+A micro-batch reaches the model as a `Batch`: right-padded rows from `padded_batch`, or packed rows from
 engine/packing.py (several examples per row, with per-row positions and a block-diagonal causal mask, given as a
 bool tensor for SDPA or, built on the device from the rows' segment ids, as a flex_attention BlockMask).
 Which examples form the micro-batch does not depend on the layout, so both give the same update.
@@ -29,14 +30,21 @@ PROMPT = -1  # `owner` of an example's prompt tokens in label scoring (engine/de
 
 @dataclass(frozen=True)
 class Sequence:
-    """One tokenized training example: ids and labels of equal length (labels -100 where unsupervised)."""
+    """One tokenized training example: ids and labels of equal length (labels -100 where unsupervised), and
+    the loss weight of each of its supervised tokens (1 for ERC, alpha for auxiliary examples: engine/data.py)."""
     ids: tuple[int, ...]
     labels: tuple[int, ...]
+    weight: float = 1.0
 
     @property
     def n_supervised(self) -> int:
         # labels are aligned with ids; the first position never has a predecessor to predict it
         return sum(1 for y in self.labels[1:] if y != IGNORE_INDEX)
+
+    @property
+    def supervised_weight(self) -> float:
+        """This example's part of the loss denominator, sum_t w_t over its supervised tokens."""
+        return self.weight * self.n_supervised
 
 
 @dataclass(frozen=True)
@@ -84,11 +92,13 @@ class Batch:
     positions: Tensor | None = None  # (B, T) rotary positions, restarting at 0 for each packed example
     mask: Tensor | None = None  # (B, T, T) bool, True where query t may attend to key s
     segments: Tensor | None = None  # (B, T) example index within its row; PAD_SEGMENT, SHARED_SEGMENT
+    weights: Tensor | None = None  # (B, T) fp32 loss weight aligned with labels, 0 where unsupervised; None: all 1
 
     def to(self, device: torch.device) -> "Batch":
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
-        return Batch(move(self.ids), move(self.labels), move(self.positions), move(self.mask), move(self.segments))
+        return Batch(move(self.ids), move(self.labels), move(self.positions), move(self.mask), move(self.segments),
+                     move(self.weights))
 
     def attention_mask(self) -> Tensor | BlockMask | None:
         """What the model takes as `mask`: the bool mask, or a BlockMask built where `segments` lives."""
@@ -140,3 +150,14 @@ def collate(seqs: list[Sequence], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     """
     batch = pad_batch([(s.ids, s.labels) for s in seqs], pad_id)
     return batch["input_ids"], batch["labels"]
+
+
+def padded_batch(seqs: list[Sequence], pad_id: int) -> Batch:
+    """collate's right-padded rows as a Batch, with per-token `weights` only when some example's weight is not 1
+    (then None keeps the loss on its plain summed path, engine/loss.py)."""
+    ids, labels = collate(seqs, pad_id)  # (B, T) each
+    if all(s.weight == 1.0 for s in seqs):
+        return Batch(ids, labels)
+    w = torch.tensor([s.weight for s in seqs], dtype=torch.float32)  # (B,)
+    weights = torch.where(labels != IGNORE_INDEX, w[:, None], 0.0)  # (B, T)
+    return Batch(ids, labels, weights=weights)

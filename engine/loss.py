@@ -8,7 +8,9 @@ Packed rows (engine/packing.py) pass per-row positions and a block-diagonal caus
 flex_attention BlockMask) through to the model;
 their labels are already -100 wherever a position would predict the next example's first token.
 
-The loss is a SUM; the loop scales it by 1 / (supervised tokens in the whole global batch), so that gradient
+The loss is a SUM, sum_t w_t CE_t, with w_t the token's loss weight (`weights`; None means every w_t = 1, the
+plain sum). The loop scales it by 1 / sum_t w_t over the whole global batch, so the step's loss is the weighted
+mean sum_t w_t CE_t / sum_t w_t (with every weight 1, the mean over supervised tokens), and gradient
 accumulation and data parallelism give the same update as one big batch.
 """
 from __future__ import annotations
@@ -28,14 +30,18 @@ class SupervisedLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, labels: Tensor, positions: Tensor | None = None,
-                mask: Tensor | BlockMask | None = None) -> Tensor:
+                mask: Tensor | BlockMask | None = None, weights: Tensor | None = None) -> Tensor:
         """input_ids, labels: (B, T) -> summed fp32 CE of predicting labels[:, t+1] from position t.
 
         positions (B, T) and mask (B, T, T) bool or a BlockMask are optional, as in Transformer.hidden_states.
+        weights (B, T) fp32, aligned with labels: each supervised token's CE is multiplied by its weight.
         """
         h = self.model.hidden_states(input_ids, positions, mask)  # (B, T, D)
         targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
         supervised = targets != IGNORE_INDEX  # (B, T-1)
         h_sup = h[:, :-1][supervised]  # (N, D): only supervised positions reach the vocabulary projection
         logits = self.model.output(h_sup).float()  # (N, V) fp32 for a stable log-softmax
-        return F.cross_entropy(logits, targets[supervised], reduction="sum")
+        if weights is None:
+            return F.cross_entropy(logits, targets[supervised], reduction="sum")
+        ce = F.cross_entropy(logits, targets[supervised], reduction="none")  # (N,)
+        return (ce * weights[:, 1:][supervised]).sum()

@@ -14,7 +14,8 @@ rows' tails. Per row:
 so every example computes exactly the hidden states it has alone in a padded row. The loss predicts
 labels[t + 1] from position t; at a boundary that would predict e1's first token from e0's last, so each
 example's first label is set to -100 (it never has a predecessor of its own, and `Sequence.n_supervised`
-does not count it either). The summed loss over supervised tokens is therefore the same sum as unpacked.
+does not count it either). The summed loss over supervised tokens is therefore the same sum as unpacked; when
+some example's `Sequence.weight` is not 1, `weights` (B, T) carries it on that example's supervised labels.
 
 Shared prefix (`share_prefix=True`): DialogueLLM prompts all begin with the same instruction (49 of the ~108
 tokens of a MELD prompt), and under causal attention a prefix's hidden states do not depend on what follows
@@ -89,6 +90,8 @@ def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, sh
     labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
     positions = torch.zeros((len(rows), T), dtype=torch.long)
     segments = torch.full((len(rows), T), PAD_SEGMENT, dtype=torch.long)
+    weighted = any(s.weight != 1.0 for s in seqs)  # else weights=None: the loss's plain summed path
+    weights = torch.zeros((len(rows), T), dtype=torch.float32)  # each segment's weight, masked to labels below
     for r, row in enumerate(rows):
         ids[r, :P] = torch.tensor(seqs[row[0]].ids[:P], dtype=torch.long)  # the prefix: unsupervised
         positions[r, :P] = torch.arange(P)
@@ -102,7 +105,9 @@ def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, sh
             labels[r, start + 1:end] = torch.tensor(s.labels[P + 1:], dtype=torch.long)
             positions[r, start:end] = torch.arange(P, len(s.ids))
             segments[r, start:end] = k
+            weights[r, start:end] = s.weight
             start = end
+    weights = torch.where(labels != IGNORE_INDEX, weights, 0.0) if weighted else None  # (B, T)
     if flex:
-        return Batch(ids, labels, positions, segments=segments)
-    return Batch(ids, labels, positions, segment_mask(segments))
+        return Batch(ids, labels, positions, segments=segments, weights=weights)
+    return Batch(ids, labels, positions, segment_mask(segments), weights=weights)

@@ -8,7 +8,8 @@ checkpoint recorded, and a difference is refused with the field named:
   data order. Its make-up may change (1 process x grad_accum 2 -> 2 processes x grad_accum 1, another
   micro-batch): every step then sees the same examples with the same normalisation (engine/batching.py), so the
   updates are the same up to summation order; with LoRA dropout on, the masks are drawn per process and differ;
-- the training examples, as a fingerprint per dataset: the count and a SHA-256 of the token ids and labels.
+- the training examples, as a fingerprint per dataset: the count and a SHA-256 of the token ids and labels (and
+  of the loss weight of every example whose weight is not 1, e.g. --aux_impact's, so another alpha differs).
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ def batch_record(micro_batch: int, grad_accum: int, world_size: int) -> dict:
 
 
 def fingerprint(seqs: list[Sequence]) -> dict:
-    """{"examples": count, "sha256": hash of every example's length, token ids and labels, in order}."""
+    """{"examples": count, "sha256": hash of every example's length, token ids, labels and weight, in order}."""
     h = hashlib.sha256()
     for s in seqs:
         h.update(len(s.ids).to_bytes(4, "little"))
         h.update(array("q", s.ids).tobytes())
         h.update(array("q", s.labels).tobytes())
+        if s.weight != 1.0:  # weight-1 examples hash as they did before weights existed: old checkpoints resume
+            h.update(array("d", [s.weight]).tobytes())
     return {"examples": len(seqs), "sha256": h.hexdigest()}
 
 
