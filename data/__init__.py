@@ -17,8 +17,9 @@ from data.knowledge import attach_knowledge, read_knowledge
 from data.meld import read_meld_csv
 from data.prompt_format import PROMPT_FORMATS, PromptCodec, build_codec
 from data.prompts import (DATASET_NAMES, DEFAULT_LABEL_WORDS, Example, PromptConfig, PromptParts,
-                          build_examples, draw_demonstrations, label_words, mix_examples, render_prompt,
-                          with_context)
+                          build_examples, build_impact_examples, draw_demonstrations, label_words, mix_examples,
+                          render_prompt, with_context)
+from data.retrieval import nearest_train_utterances
 from data.schema import (EMORYNLP_LABELS, IEMOCAP_LABELS, LABELS, MELD_LABELS, SPLITS, DataError, Dialogue,
                          Utterance, dialogue_labels, normalize_text)
 from data.tokenizer import PAD_FALLBACK_ID, Tokenizer, load_tokenizer, train_tokenizer
@@ -29,7 +30,8 @@ __all__ = [
     "pad_batch", "KINDS", "load_dialogues", "read_jsonl_dialogues", "read_emorynlp_csv", "read_emorynlp_json",
     "IEMOCAP_ALL_LABELS", "IEMOCAP_DEV_EVERY", "read_iemocap", "attach_knowledge", "read_knowledge",
     "read_meld_csv", "DATASET_NAMES", "DEFAULT_LABEL_WORDS", "Example", "PromptConfig", "PromptParts",
-    "build_examples", "draw_demonstrations", "label_words", "mix_examples", "render_prompt", "with_context",
+    "build_examples", "build_impact_examples", "draw_demonstrations", "label_words", "mix_examples",
+    "render_prompt", "with_context", "nearest_train_utterances",
     "EMORYNLP_LABELS", "IEMOCAP_LABELS", "LABELS", "MELD_LABELS", "SPLITS", "DataError", "Dialogue",
     "Utterance", "dialogue_labels", "normalize_text", "PAD_FALLBACK_ID", "Tokenizer", "load_tokenizer",
     "train_tokenizer",

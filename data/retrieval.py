@@ -6,11 +6,11 @@ pool's texts only (the train split): queries are projected into the train space,
 the weights. Only texts are compared: a query's gold label is never read, and the label shown with the retrieved
 utterance is that train utterance's own.
 
-Candidates for a query utterance are every pool utterance outside its dialogue (same dialogue_id). For train
-queries (query dialogues = the pool) that is the leak guard: an utterance never retrieves itself (its own gold
-label) nor a turn of its own conversation. For dev/test queries the pool holds other dialogues anyway; the
-same-id rule is kept for safety, which costs MELD (ids restart at 0 in each split) one unrelated train dialogue
-per dev/test dialogue.
+Candidates for a query utterance are every pool utterance outside its own dialogue: a pool dialogue with the
+same dialogue_id and the same speakers and texts. For train queries (query dialogues = the pool) that is the leak guard:
+an utterance never retrieves itself (its own gold label) nor a turn of its own conversation. A dev/test dialogue
+is in no pool dialogue, so every train utterance is a candidate for it, even where a corpus reuses ids across
+splits (MELD numbers its dialogues from 0 in each split: dev dialogue 5 is not train dialogue 5).
 
 Choice: the highest score, ties to the lowest pool index (np.argmax takes the first maximum). A query that shares
 no term with any candidate scores 0 everywhere and so gets the first candidate in pool order: deterministic, if
@@ -29,14 +29,24 @@ from data.schema import Dialogue, Utterance
 CHUNK_ROWS = 1024
 
 
-def _id_spans(dialogues: Sequence[Dialogue]) -> dict[str, list[tuple[int, int]]]:
-    """{dialogue_id: [(start, end), ...]} into the flattened utterances (a list: ids may repeat in a pool)."""
-    spans: dict[str, list[tuple[int, int]]] = {}
+def _own_spans(dialogues: Sequence[Dialogue]) -> dict[str, list[tuple[Dialogue, int, int]]]:
+    """{dialogue_id: [(dialogue, start, end), ...]} into the flattened utterances (a list: ids may repeat)."""
+    spans: dict[str, list[tuple[Dialogue, int, int]]] = {}
     start = 0
     for d in dialogues:
-        spans.setdefault(d.dialogue_id, []).append((start, start + len(d.utterances)))
+        spans.setdefault(d.dialogue_id, []).append((d, start, start + len(d.utterances)))
         start += len(d.utterances)
     return spans
+
+
+def _turns(d: Dialogue) -> list[tuple[str, str]]:
+    return [(u.speaker, u.text) for u in d.utterances]
+
+
+def _excluded(d: Dialogue, spans: dict[str, list[tuple[Dialogue, int, int]]]) -> list[tuple[int, int]]:
+    """The pool spans that are `d` itself: the same id with the same speakers and texts. Labels take no part,
+    so what is excluded never depends on a label."""
+    return [(s, e) for p, s, e in spans.get(d.dialogue_id, []) if _turns(p) == _turns(d)]
 
 
 def nearest_train_utterances(queries: Sequence[Dialogue], pool: Sequence[Dialogue], *,
@@ -56,11 +66,12 @@ def nearest_train_utterances(queries: Sequence[Dialogue], pool: Sequence[Dialogu
     except ValueError as e:   # scikit-learn's "empty vocabulary": no text has a token of 2+ word characters
         raise ValueError(f"retrieval: the pool's texts give no TF-IDF vocabulary ({e})") from e
     pool_t = pool_vecs.T.tocsr()                                              # (V, n_pool)
-    spans = _id_spans(pool)
+    spans = _own_spans(pool)
+    own = [_excluded(d, spans) for d in queries]
     # query rows in flattened order, each with the pool spans it may not retrieve from
-    rows = [(u.text, spans.get(d.dialogue_id, [])) for d in queries for u in d.utterances]
-    for d in queries:
-        excluded = sum(e - s for s, e in spans.get(d.dialogue_id, []))
+    rows = [(u.text, own[k]) for k, d in enumerate(queries) for u in d.utterances]
+    for d, spans_d in zip(queries, own):
+        excluded = sum(e - s for s, e in spans_d)
         if d.utterances and excluded == len(pool_utts):
             raise ValueError(f"retrieval: dialogue {d.dialogue_id!r} has no candidate: the pool holds no other "
                              "dialogue")

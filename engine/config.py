@@ -44,6 +44,7 @@ class TrainConfig:
     init_adapters: str = ""  # start the LoRA weights from a run dir or checkpoint dir (e.g. a speaker stage)
     retrieval: str = "none"  # none | tfidf: show the most similar train utterance of another dialogue, with its label
     aux_impact: float = 0.0  # weight alpha of the emotion-impact auxiliary task (next speaker's emotion); 0 = off
+    # (its label tokens weigh alpha, ERC's 1; a step's loss is the weighted mean sum w*CE / sum w, engine/loop.py)
     # optimisation
     micro_batch: int = 8
     grad_accum: int = 16  # global batch = micro_batch * grad_accum * world_size (the paper: 128)
@@ -81,6 +82,10 @@ class TrainConfig:
         if self.task == "speaker" and (self.aux_impact or self.retrieval != "none"):
             raise ValueError("--task speaker is the context-free warm-up stage: it takes no --aux_impact or "
                              "--retrieval")
+        if self.task == "speaker" and self.dev_data:
+            # the dev evaluator scores emotion label words; a speaker stage is judged by the ERC stage after it
+            raise ValueError("--task speaker cannot take --dev_data: dev evaluation scores emotions, not speakers; "
+                             "evaluate the ERC stage that continues from it (--init_adapters)")
         if self.packed_attention == "flex" and not self.packing:
             raise ValueError("--packed_attention flex applies to packed rows: add --packing")
         if self.share_prefix and not self.packing:

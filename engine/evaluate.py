@@ -72,8 +72,10 @@ def evaluate_sets(model: nn.Module, tok: Tokenizer, sets: list[ExampleSet], *, m
 
 
 def write_eval_outputs(out_dir: Path, eset: ExampleSet, preds: list[str], probs: torch.Tensor, title: str,
-                       max_examples: int = 0) -> dict:
-    """predictions.csv, report.json, report.txt (metrics + confusion matrix), confusion.png."""
+                       max_examples: int = 0, extra: dict | None = None) -> dict:
+    """predictions.csv, report.json, report.txt (metrics + confusion matrix), confusion.png. `extra` is added to
+    report.json as is. predictions.csv holds the model's own label probabilities and the prediction made
+    (after calibration, when there is one)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = subset(eset.examples, max_examples)
     gold = [ex.label for ex in examples]
@@ -83,7 +85,7 @@ def write_eval_outputs(out_dir: Path, eset: ExampleSet, preds: list[str], probs:
         w.writerow(["dialogue_id", "utterance_index", "gold", "pred", *[f"p_{x}" for x in eset.labels]])
         for ex, pred, p in zip(examples, preds, probs.tolist()):
             w.writerow([ex.dialogue_id, ex.utterance_index, ex.label, pred, *[f"{v:.6f}" for v in p]])
-    (out_dir / "report.json").write_text(json.dumps({"title": title, **rep}, indent=2))
+    (out_dir / "report.json").write_text(json.dumps({"title": title, **rep, **(extra or {})}, indent=2))
     (out_dir / "report.txt").write_text(f"{title}\n{report_text(rep)}")
     confusion_png(rep["confusion_matrix"], list(eset.labels), out_dir / "confusion.png", title=title)
     return rep

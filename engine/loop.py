@@ -1,9 +1,11 @@
 """The training loop: one flat function, read top to bottom.
 
 Per optimizer step:  lr from the step -> grad_accum micro-batches (right-padded rows, or with --packing several
-examples per row, engine/packing.py), each loss summed over supervised tokens and scaled by
-world_size / (supervised tokens in the whole global batch) -> DDP averages over ranks -> clip at
-grad_clip -> AdamW -> log, evaluate, checkpoint. The data order, the lr and the dropout RNG are functions of
+examples per row, engine/packing.py), each loss summed over supervised tokens, sum_t w_t CE_t, and scaled by
+world_size / sum_t w_t over the whole global batch -> DDP averages over ranks -> clip at grad_clip -> AdamW ->
+log, evaluate, checkpoint. w_t is the token's example's Sequence.weight: 1 for ERC, alpha (--aux_impact) for
+an auxiliary example, so the step's loss (and the logged one) is the weighted mean sum w CE / sum w, which with
+every weight 1 is the plain mean over supervised tokens. The data order, the lr and the dropout RNG are functions of
 (seed, step, rank), so a resumed run continues exactly where the interrupted one stopped; what a resume may
 change is engine/resume.py's. A stop signal (SIGINT/SIGTERM) to any rank is all-reduced with the step's loss,
 so every rank finishes the same step, rank 0 checkpoints it and all of them return together.
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .batching import Batch, BatchPlan, Sequence, collate
+from .batching import BatchPlan, Sequence, padded_batch
 from .checkpoint import (CheckpointError, apply_checkpoint, latest_valid_checkpoint, read_checkpoint,
                          remove_stale_temporaries, save_best, save_checkpoint, step_directories, trainable_state)
 from .config import TrainConfig
@@ -117,19 +119,21 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             set_lr(opt, lr)
             global_seqs = [train_seqs[i] for i in plan.global_indices(step)]
             n_sup = sum(s.n_supervised for s in global_seqs)  # every rank counts the same global batch
+            w_sup = sum(s.supervised_weight for s in global_seqs)  # sum_t w_t: the weighted mean's denominator
             micro_batches = plan.micro_batches(step, rt.rank)
             loss_sum = torch.zeros((), device=rt.device)
             stop_flag = torch.zeros((), device=rt.device)
             for j, idx in enumerate(micro_batches):
                 seqs = [train_seqs[i] for i in idx]
                 batch = (pack(seqs, pad_id, cfg.max_len, flex=cfg.packed_attention == "flex",
-                              share_prefix=cfg.share_prefix) if cfg.packing else Batch(*collate(seqs, pad_id)))
-                batch = batch.to(rt.device)  # ids, labels (b, T); packed: positions (b, T), mask or segments
+                              share_prefix=cfg.share_prefix) if cfg.packing else padded_batch(seqs, pad_id))
+                batch = batch.to(rt.device)  # ids, labels, weights (b, T); packed: positions (b, T), mask or segments
                 last = j == len(micro_batches) - 1
                 with nullcontext() if (last or not rt.distributed) else loss_fn.no_sync():
-                    loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask())
-                    # DDP averages over ranks, hence x world_size: the update is the mean over all n_sup tokens
-                    (loss * (rt.world_size / n_sup)).backward()
+                    loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask(), batch.weights)
+                    # DDP averages over ranks, hence x world_size: the update is the weighted mean over the
+                    # global batch's tokens (all weights 1: the mean over its n_sup tokens)
+                    (loss * (rt.world_size / w_sup)).backward()
                 loss_sum += loss.detach()
             if rt.distributed:  # the stop decision travels with the loss: any rank's signal stops every rank
                 stop_flag.fill_(float(stop.signal is not None))
@@ -137,7 +141,7 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
                 dist.all_reduce(both)
                 loss_sum, stop_flag = both[0], both[1]
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            loss_val = loss_sum.item() / n_sup
+            loss_val = loss_sum.item() / w_sup
             if not (math.isfinite(loss_val) and math.isfinite(gnorm)):
                 raise NonFiniteError(f"non-finite {'loss' if not math.isfinite(loss_val) else 'gradient norm'} at "
                                      f"step {step + 1} (loss {loss_val}, grad norm {gnorm}); stopped without "
@@ -150,7 +154,8 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
                 log.step(step=state["step"], total=total_steps, loss=loss_val, lr=lr, gnorm=gnorm,
                          tokens_per_s=tokens_done / elapsed, elapsed_s=elapsed,
-                         peak_mem_gb=peak_memory_gb(rt.device), supervised_tokens=n_sup)
+                         peak_mem_gb=peak_memory_gb(rt.device), supervised_tokens=n_sup,
+                         tokens=tokens_done)
             done = state["step"] == total_steps
             if evaluator is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
                 _evaluate(evaluator, model, state, out, rt, log, run_cfg)

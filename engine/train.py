@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .build import build_lora_model, load_codec
+from .checkpoint import init_adapters_file, load_trainable
 from .config import TrainConfig
 from .data import load_example_set, prompt_config, training_data
 from .evaluate import evaluate_sets
@@ -21,12 +22,14 @@ def train(cfg: TrainConfig) -> dict:
             raise ValueError(f"--packed_attention flex trains on CUDA only (flex_attention has no {rt.device.type} "
                              "backward in torch 2.13); use --packed_attention sdpa")
         seed_everything(cfg.seed)
+        init_file = init_adapters_file(cfg.init_adapters, asdict(cfg)) if cfg.init_adapters else None
         tok = load_codec(cfg.model, cfg.tokenizer, cfg.prompt_format)
         train_seqs, fingerprints = training_data(cfg.train_data, tok, max_len=cfg.max_len,
                                                  context_turns=cfg.context_turns, knowledge=cfg.knowledge,
                                                  seed=cfg.seed, task=cfg.task, retrieval=cfg.retrieval,
                                                  aux_impact=cfg.aux_impact)
-        dev_sets = [load_example_set(s, "dev", prompt_config(cfg.context_turns), cfg.knowledge)
+        dev_sets = [load_example_set(s, "dev", prompt_config(cfg.context_turns, retrieval=cfg.retrieval),
+                                     cfg.knowledge)
                     for s in cfg.dev_data]
         if rt.is_main:
             out = Path(cfg.out_dir)
@@ -34,6 +37,12 @@ def train(cfg: TrainConfig) -> dict:
             (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
             print(f"config: {json.dumps(asdict(cfg), sort_keys=True)}", flush=True)
         model, mcfg = build_lora_model(cfg, rt, vocab_size=tok.vocab_size)
+        if init_file is not None:
+            # A new stage: only the adapter weights carry over; optimizer, step and lr schedule start fresh. On
+            # --resume, train_loop then copies the checkpoint's adapters over all of these, so the checkpoint wins.
+            load_trainable(model, init_file)
+            if rt.is_main:
+                print(f"init adapters: {init_file}", flush=True)
 
         def evaluator(m):
             return evaluate_sets(m, tok, dev_sets, max_len=cfg.max_len, batch_size=cfg.micro_batch,
