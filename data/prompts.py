@@ -4,8 +4,9 @@ One Example per utterance (the target). The prompt holds, in order: an instructi
 dataset and its label words; optional few-shot demonstrations (n utterances drawn once from train with a
 fixed seed); with PromptConfig.retrieval "tfidf", a "### Similar example:" section holding the most similar
 train utterance of another dialogue with its train label (data/retrieval.py); the k previous utterances with
-their speakers (k = PromptConfig.context_turns, "all" for the whole history); the target with its speaker; the target's supplementary knowledge when it has one; and the
-answer cue. The response is the label word (EOS is added at tokenization, data/collate.py):
+their speakers (k = PromptConfig.context_turns, "all" for the whole history); the target with its speaker;
+the target's supplementary knowledge when it has one; and the answer cue. The response is the label word (EOS
+is added at tokenization, data/collate.py):
 
     ### Instruction:
     Identify the emotion of the target utterance in this MELD conversation. Answer with exactly one of: ...

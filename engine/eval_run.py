@@ -39,8 +39,8 @@ def _dev_calibration(model, tok, spec: str, pcfg, knowledge: tuple[str, ...], ad
     cal = fit_calibration(torch.log(probs).numpy(), gold, dev.labels, dev.dataset)
     file = write_calibration(adapters_dir, cal)
     print(f"calibration: dev weighted F1 {100 * cal.dev_before['weighted_f1']:.2f} -> "
-          f"{100 * cal.dev_after['weighted_f1']:.2f} (in-sample), offsets {dict(zip(cal.labels, cal.offsets))}; wrote {file}",
-          flush=True)
+          f"{100 * cal.dev_after['weighted_f1']:.2f} (in-sample), offsets {dict(zip(cal.labels, cal.offsets))}; "
+          f"wrote {file}", flush=True)
     return cal
 
 
