@@ -163,6 +163,17 @@ def draw_demonstrations(pool: Sequence[Dialogue], n: int, seed: int) -> list[Utt
     return random.Random(seed).sample(utterances, n)
 
 
+def _label_choices(dataset: str, labels: Sequence[str] | None,
+                   cfg: PromptConfig) -> tuple[Sequence[str], dict[str, str], tuple[str, ...]]:
+    """(labels, {label: word}, the words in label order) for a dataset; labels default to LABELS[dataset]."""
+    if labels is None:
+        if dataset not in LABELS:
+            raise ValueError(f"dataset {dataset!r} has no built-in label set; pass labels=")
+        labels = LABELS[dataset]
+    words = label_words(dataset, labels, cfg)
+    return labels, words, tuple(words[label] for label in labels)
+
+
 def build_examples(dialogues: Sequence[Dialogue], dataset: str, cfg: PromptConfig = PromptConfig(), *,
                    labels: Sequence[str] | None = None,
                    demo_pool: Sequence[Dialogue] | None = None,
@@ -176,12 +187,7 @@ def build_examples(dialogues: Sequence[Dialogue], dataset: str, cfg: PromptConfi
         retrieval_pool: the train dialogues to retrieve from (data/retrieval.py); needed when cfg.retrieval is
             not "none". The retrieved utterance is shown with its own train label after any few-shot ones.
     """
-    if labels is None:
-        if dataset not in LABELS:
-            raise ValueError(f"dataset {dataset!r} has no built-in label set; pass labels=")
-        labels = LABELS[dataset]
-    words = label_words(dataset, labels, cfg)
-    choices = tuple(words[label] for label in labels)
+    labels, words, choices = _label_choices(dataset, labels, cfg)
     demos: tuple[str, ...] = ()
     if cfg.n_shots:
         if demo_pool is None:
@@ -284,12 +290,7 @@ def build_impact_examples(dialogues: Sequence[Dialogue], dataset: str, cfg: Prom
     what they go on to say, whose text and knowledge stay hidden. With context_turns=0 nothing is shown, so
     there are no examples. No demonstrations: they illustrate the ERC task, not this one.
     """
-    if labels is None:
-        if dataset not in LABELS:
-            raise ValueError(f"dataset {dataset!r} has no built-in label set; pass labels=")
-        labels = LABELS[dataset]
-    words = label_words(dataset, labels, cfg)
-    choices = tuple(words[label] for label in labels)
+    labels, words, choices = _label_choices(dataset, labels, cfg)
     task = impact_instruction(dataset, choices)
     examples = []
     for d in dialogues:
