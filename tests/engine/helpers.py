@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import random
 
-from engine.batching import IGNORE_INDEX, Sequence
+import torch
+
+from engine.batching import IGNORE_INDEX, Batch, Sequence
 from engine.build import build_lora_model
 from engine.config import TrainConfig
+from engine.loss import SupervisedLoss
 from engine.runtime import setup_runtime
 
 
@@ -26,6 +29,27 @@ def tiny_setup(cfg: TrainConfig):
     rt = setup_runtime(cfg.device if cfg.device != "auto" else "cpu", cfg.dtype, cfg.kernels)
     model, mcfg = build_lora_model(cfg, rt, vocab_size=None)
     return rt, model, mcfg
+
+
+def live_model(cfg: TrainConfig):
+    """The tiny LoRA model with non-zero B: at init B = 0 would leave A's gradients zero."""
+    _, model, _ = tiny_setup(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def loss_and_grads(model, batch: Batch):
+    """Summed (weighted, when the batch has weights) supervised loss and every adapter gradient of one
+    micro-batch, on the model's device."""
+    model.zero_grad(set_to_none=True)
+    batch = batch.to(next(model.parameters()).device)
+    loss = SupervisedLoss(model)(batch.ids, batch.labels, batch.positions, batch.attention_mask(), batch.weights)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def base_cfg(tmp_path, **kw) -> TrainConfig:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from data import load_tokenizer
-from engine.batching import Batch, Sequence, collate, padded_batch
+from engine.batching import Sequence, collate, padded_batch
 from engine.data import training_data
 from engine.loop import train_loop
 from engine.loss import SupervisedLoss
@@ -13,7 +13,7 @@ from engine.optim import lr_at
 from engine.packing import pack
 from engine.resume import fingerprint
 
-from .helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_setup
+from .helpers import ADAM_EPS, base_cfg, live_model, loss_and_grads, synthetic_sequences, tiny_setup
 
 ALPHA = 0.3
 
@@ -25,26 +25,8 @@ def _weighted(seqs: list[Sequence]) -> list[Sequence]:
             for i, s in enumerate(seqs)]
 
 
-def _live_model(cfg):
-    """The tiny LoRA model with non-zero B: at init B = 0 would leave A's gradients zero."""
-    _, model, _ = tiny_setup(cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_b"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
-
-
 def _adapters(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _loss_and_grads(model, batch: Batch):
-    model.zero_grad(set_to_none=True)
-    loss = SupervisedLoss(model)(batch.ids, batch.labels, batch.positions, batch.attention_mask(), batch.weights)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _weighted_mean_loss(model, seqs: list[Sequence]) -> torch.Tensor:
@@ -76,7 +58,7 @@ def test_padded_weights_align_with_labels():
 
 
 def test_weighted_loss_is_the_hand_computed_sum(tmp_path):
-    model = _live_model(base_cfg(tmp_path))
+    model = live_model(base_cfg(tmp_path))
     seqs = _weighted(synthetic_sequences(5))
     with torch.no_grad():
         loss = SupervisedLoss(model)(*collate(seqs, 0), weights=padded_batch(seqs, 0).weights)
@@ -92,7 +74,7 @@ def test_weighted_loss_is_the_hand_computed_sum(tmp_path):
 
 
 def test_all_ones_weights_reproduce_the_plain_sum(tmp_path):
-    model = _live_model(base_cfg(tmp_path))
+    model = live_model(base_cfg(tmp_path))
     seqs = synthetic_sequences(5)
     ids, labels = collate(seqs, 0)
     ones = (labels != -100).float()
@@ -109,15 +91,15 @@ def test_all_ones_weights_reproduce_the_plain_sum(tmp_path):
 
 @pytest.mark.parametrize("share_prefix", [False, True])
 def test_packed_weighted_loss_matches_padded(tmp_path, share_prefix):
-    model = _live_model(base_cfg(tmp_path))
+    model = live_model(base_cfg(tmp_path))
     seqs = _weighted(synthetic_sequences(7))
     padded = padded_batch(seqs, pad_id=0)
     packed = pack(seqs, pad_id=0, max_len=80, share_prefix=share_prefix)
     assert packed.ids.shape[0] < len(seqs), "nothing was packed"
     assert packed.weights is not None and float(packed.weights.sum()) == pytest.approx(
         sum(s.supervised_weight for s in seqs))
-    loss_a, grads_a = _loss_and_grads(model, padded)
-    loss_b, grads_b = _loss_and_grads(model, packed)
+    loss_a, grads_a = loss_and_grads(model, padded)
+    loss_b, grads_b = loss_and_grads(model, packed)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for name, g in grads_a.items():
         assert g.abs().max() > 0, name
@@ -132,7 +114,7 @@ def test_one_step_is_the_weighted_mean_update(tmp_path, layout):
     cfg = base_cfg(tmp_path, micro_batch=2, grad_accum=3, max_steps=1, lr=1.0, adam_eps=ADAM_EPS, grad_clip=1e9,
                    max_len=80, **layout)
     rt, _, mcfg = tiny_setup(cfg)
-    model = _live_model(cfg)
+    model = live_model(cfg)
     model.zero_grad(set_to_none=True)
     expected_loss = _weighted_mean_loss(model, seqs)
     expected_loss.backward()

@@ -5,11 +5,10 @@ import torch
 from engine.batching import IGNORE_INDEX, Batch, Sequence, collate
 from engine.config import TrainConfig, parse_config
 from engine.loop import train_loop
-from engine.loss import SupervisedLoss
 from engine.batching import segment_mask
 from engine.packing import first_fit_decreasing, pack, shared_prefix_length
 
-from .helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_setup
+from .helpers import ADAM_EPS, base_cfg, live_model, loss_and_grads, synthetic_sequences, tiny_setup
 
 
 def _sequences(n: int, seed: int = 0) -> list[Sequence]:
@@ -50,30 +49,10 @@ def test_segment_mask_pads_first_segment():
     assert segment_mask(seg)[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
 
 
-def _live_model(cfg: TrainConfig):
-    """The tiny LoRA model with non-zero B: at init B = 0 would leave A's gradients zero."""
-    _, model, _ = tiny_setup(cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_b"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def _loss_and_grads(model, batch: Batch):
-    """Summed supervised loss and every adapter gradient of one micro-batch, on the model's device."""
-    model.zero_grad(set_to_none=True)
-    batch = batch.to(next(model.parameters()).device)
-    loss = SupervisedLoss(model)(batch.ids, batch.labels, batch.positions, batch.attention_mask())
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _assert_same_loss_and_grads(model, reference: Batch, batch: Batch) -> None:
     """fp32: the same summed loss and every adapter gradient (each non-zero) as the reference layout."""
-    loss_a, grads_a = _loss_and_grads(model, reference)
-    loss_b, grads_b = _loss_and_grads(model, batch)
+    loss_a, grads_a = loss_and_grads(model, reference)
+    loss_b, grads_b = loss_and_grads(model, batch)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-5)
     for name, g in grads_a.items():
         assert g.abs().max() > 0, name
@@ -82,7 +61,7 @@ def _assert_same_loss_and_grads(model, reference: Batch, batch: Batch) -> None:
 
 @pytest.mark.parametrize("kernels", ["off", "on"])
 def test_packed_loss_and_grads_match_unpacked(tmp_path, kernels):
-    model = _live_model(base_cfg(tmp_path, kernels=kernels))
+    model = live_model(base_cfg(tmp_path, kernels=kernels))
     seqs = _sequences(7)
 
     padded = Batch(*collate(seqs, pad_id=0))
@@ -185,12 +164,12 @@ def test_flex_flag_errors(tmp_path):
 @pytest.mark.parametrize("share", [False, True])
 def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing, share):
     """The training twin on CUDA: compiled flex_attention gives the bool-mask SDPA loss and adapter gradients."""
-    model = _live_model(base_cfg(tmp_path, device="cuda", dtype=dtype, kernels="on",
+    model = live_model(base_cfg(tmp_path, device="cuda", dtype=dtype, kernels="on",
                                  activation_checkpointing=checkpointing))
     seqs = _with_prefix(_sequences(16, seed=5), prefix=tuple(range(40, 49)))
 
-    loss_a, grads_a = _loss_and_grads(model, pack(seqs, pad_id=0, max_len=64, share_prefix=share))
-    loss_b, grads_b = _loss_and_grads(model, pack(seqs, pad_id=0, max_len=64, flex=True, share_prefix=share))
+    loss_a, grads_a = loss_and_grads(model, pack(seqs, pad_id=0, max_len=64, share_prefix=share))
+    loss_b, grads_b = loss_and_grads(model, pack(seqs, pad_id=0, max_len=64, flex=True, share_prefix=share))
     tol = (1e-4, 1e-5) if dtype == "fp32" else (2e-2, 2e-2)
     torch.testing.assert_close(loss_b, loss_a, rtol=tol[0], atol=tol[1])
     for name, g in grads_a.items():
@@ -236,7 +215,7 @@ def test_pack_shared_prefix_layout():
 
 
 def test_shared_prefix_loss_and_grads_match_unpacked(tmp_path):
-    model = _live_model(base_cfg(tmp_path))
+    model = live_model(base_cfg(tmp_path))
     seqs = _with_prefix(_sequences(7), prefix=tuple(range(40, 52)))
 
     padded = Batch(*collate(seqs, pad_id=0))
