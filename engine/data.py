@@ -94,15 +94,10 @@ def training_data(specs: tuple[str, ...], tok: Tokenizer, *, max_len: int, conte
     kinds = [parse_spec(s)[0] for s in specs]
     per_set, fingerprints = [], {}
     for spec, kind in zip(specs, kinds):
-        seqs = []
         examples = (speaker_examples(spec) if task == "speaker"
                     else load_example_set(spec, "train", prompt_config(context_turns, retrieval=retrieval),
                                           knowledge).examples)
-        for ex in examples:
-            ids, labels = encode_example(tok, ex, max_len)
-            if max(ids) >= tok.vocab_size:
-                raise ValueError(f"token id {max(ids)} is outside the tokenizer's vocabulary of {tok.vocab_size}")
-            seqs.append(Sequence(tuple(ids), tuple(labels)))
+        seqs = encode_sequences(tok, examples, max_len)
         if aux_impact > 0 and kind != "prompts":  # the emotion-impact examples join their own dataset's set
             seqs += impact_sequences(spec, tok, context_turns, max_len=max_len, weight=aux_impact)
         per_set.append(seqs)
@@ -120,10 +115,16 @@ def impact_sequences(spec: str, tok: Tokenizer, context_turns: str, *, max_len: 
                          "--context_turns 0 shows none")
     dialogues = load_dialogues(kind, path, "train")
     labels = dialogue_labels(dialogues) if kind == "jsonl" else None  # as load_example_set's ERC examples
+    return encode_sequences(tok, build_impact_examples(dialogues, kind, cfg, labels=labels), max_len, weight)
+
+
+def encode_sequences(tok: Tokenizer, examples: list[Example], max_len: int, weight: float = 1.0) -> list[Sequence]:
+    """Examples -> training Sequences (truncated as data/collate.py says), each token id checked against the
+    tokenizer's vocabulary, every supervised token with loss weight `weight`."""
     seqs = []
-    for ex in build_impact_examples(dialogues, kind, cfg, labels=labels):
-        ids, targets = encode_example(tok, ex, max_len)
+    for ex in examples:
+        ids, labels = encode_example(tok, ex, max_len)
         if max(ids) >= tok.vocab_size:
             raise ValueError(f"token id {max(ids)} is outside the tokenizer's vocabulary of {tok.vocab_size}")
-        seqs.append(Sequence(tuple(ids), tuple(targets), weight=weight))
+        seqs.append(Sequence(tuple(ids), tuple(labels), weight=weight))
     return seqs

@@ -20,19 +20,20 @@ from .metrics import classification_report
 from .runtime import setup_runtime, teardown_runtime
 
 
-def _dev_calibration(model, tok, spec: str, pcfg, knowledge: tuple[str, ...], adapters_dir: Path, *,
-                     max_len: int, batch_size: int) -> Calibration:
-    """The run's offsets for spec's dataset: read from calibration.json beside the adapters, else fit now on the
-    whole dev split (never another split) and stored there for the next evaluation."""
+def _dev_calibration(model, tok, spec: str, labels: tuple[str, ...], pcfg, knowledge: tuple[str, ...],
+                     adapters_dir: Path, *, max_len: int, batch_size: int) -> Calibration:
+    """The run's offsets for spec's dataset (whose labels are `labels`): read from calibration.json beside the
+    adapters, else fit now on the whole dev split (never another split) and stored there for the next
+    evaluation. The dev split is only loaded when a fit is needed."""
     kind = parse_spec(spec)[0]
-    dev = load_example_set(spec, "dev", pcfg, knowledge)
-    stored = read_calibrations(adapters_dir).get(dev.dataset)
+    stored = read_calibrations(adapters_dir).get(kind)
     if stored is not None:
-        if stored.labels != dev.labels:
-            raise ValueError(f"{adapters_dir / CALIBRATION_FILE}: {dev.dataset} offsets are for labels "
-                             f"{stored.labels}, the data has {dev.labels}")
-        print(f"calibration: {dev.dataset} offsets from {adapters_dir / CALIBRATION_FILE}", flush=True)
+        if stored.labels != labels:
+            raise ValueError(f"{adapters_dir / CALIBRATION_FILE}: {kind} offsets are for labels "
+                             f"{stored.labels}, the data has {labels}")
+        print(f"calibration: {kind} offsets from {adapters_dir / CALIBRATION_FILE}", flush=True)
         return stored
+    dev = load_example_set(spec, "dev", pcfg, knowledge)
     print(f"calibration: fitting {kind} label offsets on the dev split ({len(dev.examples)} utterances)", flush=True)
     _, probs = predict_set(model, tok, dev, max_len=max_len, batch_size=batch_size, progress=True)
     gold = np.array([dev.labels.index(ex.label) for ex in dev.examples])
@@ -87,7 +88,7 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
             extra = {}
             if cfg.calibration == "dev":
                 # the offsets come from the dev split only; on dev itself the report is in-sample (said in it)
-                cal = _dev_calibration(model, tok, spec, pcfg, knowledge, adapters.parent,
+                cal = _dev_calibration(model, tok, spec, eset.labels, pcfg, knowledge, adapters.parent,
                                        max_len=train_cfg.max_len, batch_size=cfg.batch_size)
                 raw = subset_gold_report(eset, preds, cfg.max_examples)
                 preds = [eset.labels[i] for i in cal.predict(torch.log(probs).numpy())]

@@ -119,8 +119,8 @@ def cell_rows(dataset: str, system: str, out: Path) -> list[dict]:
     cal = rep["calibration"]
     erc_tokens = _train_tokens(cell / "lora")
     tokens = erc_tokens + (_train_tokens(cell / "speaker") if (cell / "speaker").is_dir() else 0)
-    sequences = json.loads((cell / "lora" / "config.json").read_text())
-    sequences = sequences["max_steps"] * sequences["micro_batch"] * sequences["grad_accum"]
+    run = json.loads((cell / "lora" / "config.json").read_text())
+    sequences = run["max_steps"] * run["micro_batch"] * run["grad_accum"]
     # tokens per sequence of the ERC stage: what a longer history or a retrieved demonstration costs
     base = {"dataset": dataset, "train_tokens": tokens, "tokens_per_train_sequence": round(erc_tokens / sequences, 1)}
     return [
