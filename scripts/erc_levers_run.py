@@ -29,8 +29,8 @@ from pathlib import Path
 
 from run_common import ROOT, git_state, machine, run_logged
 
-from engine.pretrained import smollm2_gguf
-from engine.provenance import repo_relative
+from llama_erc.demo.pretrained import smollm2_gguf
+from llama_erc.benchmarks.provenance import repo_relative
 
 LORA_TARGETS = "wq,wk,wv,wo,w1,w2,w3"
 DATA_DIRS = {"meld": "meld", "emorynlp": "emorynlp/meld_repo_csv"}  # under ../shared/data (see their READMEs)

@@ -12,7 +12,7 @@
 # are read from $SHARED (default .gpu/shared, an ignored folder: copy ../shared/data/meld and
 # ../shared/tokenizer there and carry it; they are never committed; the erc part stops without them). Each step has its own time limit, so one hang cannot take the
 # others' results with it; the step's log says what happened. The device receives the tree without .git, so
-# pass the commit it is: `GIT_COMMIT=<sha> bash scripts/gpu_session.sh check` (engine/provenance.py).
+# pass the commit it is: `GIT_COMMIT=<sha> bash scripts/gpu_session.sh check` (llama_erc/benchmarks/provenance.py).
 set -uo pipefail
 part=${1:?usage: scripts/gpu_session.sh check|erc|erc32|fixed}
 OUT=${OUT:-benchmarks/results/gpu}
@@ -40,9 +40,9 @@ check)
       $PY -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,
 "transformers", transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name())'; } 2>&1 | tee -a "$log"
     run 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests
-    run 180 $PY -m kernels.bench --out "$OUT/kernels.json"
-    run 120 $PY scripts/measure_train_memory.py --out "$OUT/train_memory.json"
-    run 120 $PY scripts/measure_train_memory.py --checkpointing selective --out "$OUT/train_memory_selective.json"
+    run 180 $PY -m llama_erc.benchmarks.kernels --out "$OUT/kernels.json"
+    run 120 $PY -m llama_erc.benchmarks.train_memory --out "$OUT/train_memory.json"
+    run 120 $PY -m llama_erc.benchmarks.train_memory --checkpointing selective --out "$OUT/train_memory_selective.json"
     ;;
 erc|erc32)
     if [[ ${#data_args[@]} -eq 0 ]]; then

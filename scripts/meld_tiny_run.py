@@ -8,7 +8,7 @@ Stages (each timed; every score is on the MELD test split, 2,610 utterances, sci
    logistic regression on the target utterance's text alone, with C picked on dev weighted F1 from a fixed
    grid (and, for reference, C=1.0 fixed a priori);
 2. a sentencepiece tokenizer and a tiny LLaMA pre-trained from scratch on the MELD train transcripts
-   (engine.demo's `transcripts` and `pretrain`; next-token prediction, the emotion labels are NOT shown),
+   (llama_erc.demo.tiny's `transcripts` and `pretrain`; next-token prediction, the emotion labels are NOT shown),
    saved in Meta's layout (params.json + model.safetensors + tokenizer.model);
 3. LoRA fine-tuning through the real `train.py` (fp32, kernels off, LoRA on all 7 linears), evaluating on
    the first --eval-max-examples dev utterances and keeping the best adapter by weighted F1; then the real
@@ -29,13 +29,13 @@ from pathlib import Path
 
 from run_common import C_FIXED, ROOT, baselines, git_state, machine, run_logged, scores
 
-from data import load_dialogues
-from engine import demo
-from engine.provenance import repo_relative
+from llama_erc.data import load_dialogues
+from llama_erc.demo import tiny as demo
+from llama_erc.benchmarks.provenance import repo_relative
 
 
 def build_base(meld: Path, out: Path, a: argparse.Namespace) -> dict:
-    """engine.demo's recipe on MELD train: tokenizer, then a tiny LLaMA pre-trained on the transcripts."""
+    """llama_erc.demo.tiny's recipe on MELD train: tokenizer, then a tiny LLaMA pre-trained on the transcripts."""
     return demo.build_base(load_dialogues("meld", meld, "train"), out, vocab_size=a.vocab_size, dim=a.dim,
                            n_layers=a.layers, n_heads=a.heads, hidden_dim=a.hidden, steps=a.pretrain_steps,
                            batch=a.pretrain_batch, seq=a.pretrain_seq, lr=a.pretrain_lr, seed=a.seed)

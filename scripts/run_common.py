@@ -12,13 +12,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without an installed package
+import torch
 
-import torch  # noqa: E402
-
-from data import MELD_LABELS, load_dialogues  # noqa: E402
-from engine.metrics import classification_report  # noqa: E402
+from llama_erc.benchmarks.provenance import ROOT
+from llama_erc.data import MELD_LABELS, load_dialogues
+from llama_erc.engine.metrics import classification_report
 
 C_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)  # logistic-regression inverse regularisation, chosen on dev
 C_FIXED = 1.0  # the a-priori choice (scikit-learn's default), reported alongside the dev-selected one

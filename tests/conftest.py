@@ -1,7 +1,6 @@
 """Shared test set-up. Must run before anything imports `kernels`: @triton.jit picks the interpreter
 when the decorator runs, i.e. at import time. `make test` also exports TRITON_INTERPRET=1."""
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +11,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"  # ../shared beside the checkout: real data and the LLaMA 2 tokenizer
 
 

@@ -3,11 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from data import load_dialogues, render_prompt, train_tokenizer
-from data.prompts import PromptParts
+from llama_erc.data import load_dialogues, render_prompt, train_tokenizer
+from llama_erc.demo import DEMO_DATA
+from llama_erc.data.prompts import PromptParts
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "meld_format"
+DEMO = DEMO_DATA
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from data import (PromptConfig, build_examples, build_impact_examples, encode_example, encode_prompt,
+from llama_erc.data import (PromptConfig, build_examples, build_impact_examples, encode_example, encode_prompt,
                   load_dialogues, render_prompt, with_context)
 
 IMPACT_INSTRUCTION = ("### Instruction:\nPredict the emotion of the next speaker's utterance in this MELD "

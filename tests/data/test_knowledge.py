@@ -1,6 +1,6 @@
 import pytest
 
-from data import DataError, attach_knowledge, load_dialogues
+from llama_erc.data import DataError, attach_knowledge, load_dialogues
 
 
 def test_attach_knowledge_csv_by_split(fixtures_dir):

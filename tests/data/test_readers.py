@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from data import (EMORYNLP_LABELS, IEMOCAP_LABELS, MELD_LABELS, DataError, Dialogue, Utterance, dialogue_labels,
+from llama_erc.data import (EMORYNLP_LABELS, IEMOCAP_LABELS, MELD_LABELS, DataError, Dialogue, Utterance, dialogue_labels,
                   load_dialogues, normalize_text)
 
 
@@ -275,5 +275,5 @@ def test_jsonl_split_mismatch_and_labels_only_for_jsonl(fixtures_dir, tmp_path):
         load_dialogues("jsonl", root, "dev", labels=("joy",))
     with pytest.raises(DataError, match="train.jsonl: file not found"):
         load_dialogues("jsonl", root, "dev")      # label set comes from train, which is missing
-    with pytest.raises(DataError, match="labels= applies to kind 'jsonl' only"):
+    with pytest.raises(DataError, match="labels= applies to corpora without a fixed label set; meld has one"):
         load_dialogues("meld", fixtures_dir / "meld", "dev", labels=("joy",))

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from data import (Dialogue, PromptConfig, Utterance, build_examples, encode_prompt, load_dialogues,
+from llama_erc.data import (Dialogue, PromptConfig, Utterance, build_examples, encode_prompt, load_dialogues,
                   nearest_train_utterances, render_prompt, with_context)
-from data.collate import as_codec
+from llama_erc.data.encode import as_codec
 
 MELD_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "meld"
 

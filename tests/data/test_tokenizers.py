@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data import DataError, load_tokenizer
+from llama_erc.data import DataError, load_tokenizer
 
 TEXTS = ["In 2024 I paid 1234567 dollars", "Hello, world! (really?) -- yes... 3.14; a/b",
          "café naïve — 東京 😊",
@@ -282,5 +282,5 @@ def test_missing_optional_package(tmp_path, monkeypatch, module):
                "tokenizers": lambda: write_hf(tmp_path / "hf"), "gguf": lambda: write_gguf(tmp_path / "t.gguf")}
     path = writers[module]()
     monkeypatch.setitem(sys.modules, module, None)     # makes `import module` raise ImportError
-    with pytest.raises(DataError, match=rf"{path.name} needs the '{module}' package: pip install -e"):
+    with pytest.raises(DataError, match=rf"{path.name} needs the '{module}' package: pip install 'llama-lora-erc\[{module}\]'"):
         load_tokenizer(path)

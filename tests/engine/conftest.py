@@ -1,8 +1,8 @@
 """Fixtures shared by the engine tests."""
 import pytest
 
-from data import MELD_LABELS, load_dialogues, train_tokenizer
-from engine.demo import DEMO_DATA
+from llama_erc.data import MELD_LABELS, load_dialogues, train_tokenizer
+from llama_erc.demo import DEMO_DATA
 
 
 @pytest.fixture(scope="module")

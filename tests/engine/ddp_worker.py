@@ -4,8 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from engine.loop import train_loop  # noqa: E402
-from engine.runtime import teardown_runtime  # noqa: E402
+from llama_erc.engine.loop import train_loop  # noqa: E402
+from llama_erc.engine.runtime import teardown_runtime  # noqa: E402
 from tests.engine.helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_setup  # noqa: E402
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ import random
 
 import torch
 
-from engine.batching import IGNORE_INDEX, Batch, Sequence
-from engine.build import build_lora_model
-from engine.config import TrainConfig
-from engine.loss import SupervisedLoss
-from engine.runtime import setup_runtime
+from llama_erc.data import IGNORE_INDEX, Sequence
+from llama_erc.engine.batching import Batch, padded_batch
+from llama_erc.engine.build import build_lora_model
+from llama_erc.engine.config import TrainConfig
+from llama_erc.engine.loss import SupervisedLoss
+from llama_erc.engine.runtime import setup_runtime
 
 
 def synthetic_sequences(n: int, vocab: int = 512, seed: int = 0) -> list[Sequence]:
@@ -27,8 +28,15 @@ def synthetic_sequences(n: int, vocab: int = 512, seed: int = 0) -> list[Sequenc
 
 def tiny_setup(cfg: TrainConfig):
     rt = setup_runtime(cfg.device if cfg.device != "auto" else "cpu", cfg.dtype, cfg.kernels)
-    model, mcfg = build_lora_model(cfg, rt, vocab_size=None)
+    model, mcfg = build_lora_model(cfg.model, rt, cfg.lora, seed=cfg.seed,
+                                   activation_checkpointing=cfg.activation_checkpointing, fused_lora=cfg.fused_lora)
     return rt, model, mcfg
+
+
+def padded(seqs: list[Sequence], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, labels (B, T) of the right-padded layout."""
+    batch = padded_batch(seqs, pad_id)
+    return batch.ids, batch.labels
 
 
 def live_model(cfg: TrainConfig):

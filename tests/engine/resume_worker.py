@@ -12,9 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import engine.loop  # noqa: E402
-from engine.loop import train_loop  # noqa: E402
-from engine.runtime import teardown_runtime  # noqa: E402
+import llama_erc.engine.loop  # noqa: E402
+from llama_erc.engine.loop import train_loop  # noqa: E402
+from llama_erc.engine.runtime import teardown_runtime  # noqa: E402
 from tests.engine.helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_setup  # noqa: E402
 
 # one run: 24 examples, global batch 4, 4 steps; large Adam eps so that summation order cannot flip an update
@@ -45,13 +45,13 @@ def main(mode: str, root: Path) -> int:
         assert state["step"] == RUN["max_steps"], state
     elif mode == "sigterm":
         if rank == 1:  # the signal arrives while step 2 (index 1) runs, on this rank only
-            lr_at = engine.loop.lr_at
+            lr_at = llama_erc.engine.loop.lr_at
 
-            def lr_at_and_signal(step, **kw):
+            def lr_at_and_signal(step, *args):
                 if step == 1:
                     os.kill(os.getpid(), signal.SIGTERM)
-                return lr_at(step, **kw)
-            engine.loop.lr_at = lr_at_and_signal
+                return lr_at(step, *args)
+            llama_erc.engine.loop.lr_at = lr_at_and_signal
         state = _run(root, grad_accum=1)
         assert state["step"] == 2 and state.get("interrupted"), state
     teardown_runtime()

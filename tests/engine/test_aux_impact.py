@@ -4,16 +4,16 @@ import json
 import pytest
 import torch
 
-from data import load_tokenizer
-from engine.batching import Sequence, collate, padded_batch
-from engine.data import training_data
-from engine.loop import train_loop
-from engine.loss import SupervisedLoss
-from engine.optim import lr_at
-from engine.packing import pack
-from engine.resume import fingerprint
+from llama_erc.data import load_tokenizer
+from llama_erc.data import DataConfig, Sequence, fingerprint, training_data
+from llama_erc.engine.batching import padded_batch
+from llama_erc.engine.loop import train_loop
+from llama_erc.engine.loss import SupervisedLoss
+from llama_erc.engine.optim import lr_at
+from llama_erc.engine.packing import pack
 
-from .helpers import ADAM_EPS, base_cfg, live_model, loss_and_grads, synthetic_sequences, tiny_setup
+from tests.engine.helpers import (ADAM_EPS, base_cfg, live_model, loss_and_grads, padded, synthetic_sequences,
+                                 tiny_setup)
 
 ALPHA = 0.3
 
@@ -32,7 +32,7 @@ def _adapters(model):
 def _weighted_mean_loss(model, seqs: list[Sequence]) -> torch.Tensor:
     """sum_i w_i * (summed CE of example i, alone in an unweighted batch) / sum_i w_i n_i, computed directly."""
     loss_fn = SupervisedLoss(model)
-    total = sum(s.weight * loss_fn(*collate([s], pad_id=0)) for s in seqs)
+    total = sum(s.weight * loss_fn(*padded([s], pad_id=0)) for s in seqs)
     return total / sum(s.weight * s.n_supervised for s in seqs)
 
 
@@ -50,9 +50,9 @@ def test_padded_weights_align_with_labels():
     assert (batch.weights[~supervised] == 0).all()
     for i, s in enumerate(seqs):
         assert (batch.weights[i][supervised[i]] == s.weight).all()
-    # all weights 1: no weights tensor, the very batch collate() gives (the loss's old summed path)
+    # all weights 1: no weights tensor, the very batch padded() gives (the loss's old summed path)
     plain = padded_batch(synthetic_sequences(4), pad_id=0)
-    ids, labels = collate(synthetic_sequences(4), pad_id=0)
+    ids, labels = padded(synthetic_sequences(4), pad_id=0)
     assert plain.weights is None and torch.equal(plain.ids, ids) and torch.equal(plain.labels, labels)
     assert pack(synthetic_sequences(4), pad_id=0, max_len=64).weights is None
 
@@ -61,11 +61,11 @@ def test_weighted_loss_is_the_hand_computed_sum(tmp_path):
     model = live_model(base_cfg(tmp_path))
     seqs = _weighted(synthetic_sequences(5))
     with torch.no_grad():
-        loss = SupervisedLoss(model)(*collate(seqs, 0), weights=padded_batch(seqs, 0).weights)
+        loss = SupervisedLoss(model)(*padded(seqs, 0), weights=padded_batch(seqs, 0).weights)
         # by hand: log-softmax of the full logits, each supervised token's CE times its example's weight
         expected = torch.zeros(())
         for s in seqs:
-            ids, labels = collate([s], 0)
+            ids, labels = padded([s], 0)
             logp = torch.log_softmax(model(ids).float(), dim=-1)[0, :-1]  # (T-1, V)
             for t, y in enumerate(labels[0, 1:].tolist()):
                 if y != -100:
@@ -76,7 +76,7 @@ def test_weighted_loss_is_the_hand_computed_sum(tmp_path):
 def test_all_ones_weights_reproduce_the_plain_sum(tmp_path):
     model = live_model(base_cfg(tmp_path))
     seqs = synthetic_sequences(5)
-    ids, labels = collate(seqs, 0)
+    ids, labels = padded(seqs, 0)
     ones = (labels != -100).float()
     with torch.no_grad():
         plain = SupervisedLoss(model)(ids, labels)
@@ -125,7 +125,7 @@ def test_one_step_is_the_weighted_mean_update(tmp_path, layout):
 
     train_loop(cfg, rt, model, mcfg, seqs, pad_id=0)
     # Adam's first step is lr * g / (|g| + eps) (bias-corrected moments are g and g^2; no weight decay)
-    lr = lr_at(0, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=1)
+    lr = lr_at(0, cfg.optim, 1)
     for name, p in _adapters(model).items():
         g = grads[name]
         assert g.abs().max() > 0, name
@@ -151,9 +151,9 @@ def test_training_data_adds_weighted_impact_sequences(tmp_path, demo_tokenizer):
     corpus = tmp_path / "erc.jsonl"
     _write_corpus(corpus)
     tok = load_tokenizer(demo_tokenizer)
-    kw = dict(max_len=256, context_turns="2", knowledge=(), seed=0)
-    plain, fp_plain = training_data((f"jsonl={corpus}",), tok, **kw)
-    mixed, fp_mixed = training_data((f"jsonl={corpus}",), tok, aux_impact=ALPHA, **kw)
+    spec = (f"jsonl={corpus}",)
+    plain, fp_plain = training_data(DataConfig(train_data=spec, max_len=256), tok, seed=0)
+    mixed, fp_mixed = training_data(DataConfig(train_data=spec, max_len=256, aux_impact=ALPHA), tok, seed=0)
     assert len(plain) == 6 and all(s.weight == 1.0 for s in plain)
     erc = [s for s in mixed if s.weight == 1.0]
     aux = [s for s in mixed if s.weight == ALPHA]
@@ -164,4 +164,4 @@ def test_training_data_adds_weighted_impact_sequences(tmp_path, demo_tokenizer):
         assert "Next speaker" in text and "Target" not in text
     assert fp_mixed["jsonl"]["examples"] == 9 and fp_mixed != fp_plain
     with pytest.raises(ValueError, match="context_turns 0"):
-        training_data((f"jsonl={corpus}",), tok, **{**kw, "context_turns": "0"}, aux_impact=ALPHA)
+        training_data(DataConfig(train_data=spec, max_len=256, context_turns="0", aux_impact=ALPHA), tok, seed=0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from engine.calibration import (CALIBRATION_FILE, OFFSET_GRID, fit_calibration, read_calibrations, weighted_f1,
+from llama_erc.engine.calibration import (CALIBRATION_FILE, OFFSET_GRID, fit_calibration, read_calibrations, weighted_f1,
                                 write_calibration)
 
 LABELS = ("neutral", "joy", "anger")
@@ -101,7 +101,7 @@ def test_eval_calibration_dev_end_to_end(tmp_path, demo_tokenizer, capsys):
 
     import eval as eval_script
     import train as train_script
-    from engine.demo import DEMO_DATA
+    from llama_erc.demo import DEMO_DATA
 
     meld = f"meld={DEMO_DATA}"
     run = tmp_path / "run"

@@ -5,8 +5,8 @@ import pytest
 
 import eval as eval_script
 import train as train_script
-from data import MELD_LABELS
-from engine.demo import DEMO_DATA
+from llama_erc.data import MELD_LABELS
+from llama_erc.demo import DEMO_DATA
 
 MELD = f"meld={DEMO_DATA}"
 
@@ -37,7 +37,7 @@ def test_train_then_eval(tmp_path, demo_tokenizer, capsys):
 @pytest.mark.parametrize("extra, match", [
     (["--train_data", "meld=/nonexistent"], "/nonexistent"),
     (["--train_data", MELD, "--max_len", "20"], "does not fit in max_len=20"),
-    (["--train_data", MELD, "--model", "llama-9b"], "neither a checkpoint directory nor a preset"),
+    (["--train_data", MELD, "--model", "llama-9b"], "neither a checkpoint (a directory or a .gguf file) nor a preset"),
     (["--train_data", MELD, "--tokenizer", "/nope/tokenizer.model"], "/nope/tokenizer.model"),
     ([], "no training data"),
 ])
@@ -75,8 +75,8 @@ def test_eval_few_shot_base_model(tmp_path, demo_tokenizer):
 
 
 def test_few_shot_prompts_carry_train_demonstrations():
-    from engine.data import load_example_set, prompt_config
-    zero = load_example_set(MELD, "dev", prompt_config("2"))
-    few = load_example_set(MELD, "dev", prompt_config("2", n_shots=3, seed=1))
+    from llama_erc.data import DataConfig, load_example_set
+    zero = load_example_set(MELD, "dev", DataConfig().prompt_config())
+    few = load_example_set(MELD, "dev", DataConfig().prompt_config(n_shots=3, shot_seed=1))
     assert "### Examples:" in few.examples[0].prompt and "### Examples:" not in zero.examples[0].prompt
     assert len(few.examples[0].parts.demonstrations) == 3

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from engine.checkpoint import list_checkpoints
-from engine.loop import train_loop
+from llama_erc.engine.checkpoint import list_checkpoints
+from llama_erc.engine.loop import train_loop
 
-from .helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_setup
+from tests.engine.helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_setup
 
 
 def test_two_process_ddp_matches_single_process(tmp_path):

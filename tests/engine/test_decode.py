@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from engine.batching import segment_mask
-from engine.decode import pack_prompt_with_candidates, predict_labels, score_candidates
-from engine.packing import common_prefix
-from model import Transformer, preset
+from llama_erc.engine.batching import segment_mask
+from llama_erc.engine.decode import pack_prompt_with_candidates, predict_labels, score_candidates
+from llama_erc.engine.packing import common_prefix
+from llama_erc.model import Transformer, preset
 
 
 def _naive_score(model, prompt, cand):

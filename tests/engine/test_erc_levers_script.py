@@ -2,14 +2,30 @@
 names (joined levers) and the choice of `best` by dev only."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import erc_levers_run as levers  # noqa: E402
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load_script(name: str):
+    """A study script as a module, by its path (scripts/ is not a package); its sibling run_common.py is found
+    the way `python scripts/<name>.py` finds it, from the script's own directory."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return module
+
+
+levers = _load_script("erc_levers_run")
 
 
 def _scores(acc: float, wf1: float, mf1: float) -> dict:

@@ -5,7 +5,7 @@ import zlib
 import pytest
 from sklearn.metrics import f1_score
 
-from engine.metrics import classification_report, confusion_png, confusion_text
+from llama_erc.engine.metrics import classification_report, confusion_png, confusion_text
 
 LABELS = ["neutral", "joy", "sadness"]
 Y_TRUE = ["neutral"] * 5 + ["joy"] * 3 + ["sadness"] * 2

@@ -2,13 +2,15 @@
 import pytest
 import torch
 
-from engine.batching import IGNORE_INDEX, Batch, Sequence, collate
-from engine.config import TrainConfig, parse_config
-from engine.loop import train_loop
-from engine.batching import segment_mask
-from engine.packing import first_fit_decreasing, pack, shared_prefix_length
+from llama_erc.data import IGNORE_INDEX, Sequence
+from llama_erc.engine.batching import Batch, padded_batch
+from llama_erc.engine.config import TrainConfig, parse_config
+from llama_erc.engine.loop import train_loop
+from llama_erc.engine.batching import segment_mask
+from llama_erc.engine.packing import first_fit_decreasing, pack, shared_prefix_length
 
-from .helpers import ADAM_EPS, base_cfg, live_model, loss_and_grads, synthetic_sequences, tiny_setup
+from tests.engine.helpers import (ADAM_EPS, base_cfg, live_model, loss_and_grads, synthetic_sequences,
+                                 tiny_setup)
 
 
 def _sequences(n: int, seed: int = 0) -> list[Sequence]:
@@ -64,7 +66,7 @@ def test_packed_loss_and_grads_match_unpacked(tmp_path, kernels):
     model = live_model(base_cfg(tmp_path, kernels=kernels))
     seqs = _sequences(7)
 
-    padded = Batch(*collate(seqs, pad_id=0))
+    padded = padded_batch(seqs, pad_id=0)
     packed = pack(seqs, pad_id=0, max_len=48)
     assert packed.ids.shape[0] < len(seqs), "nothing was packed"
     _assert_same_loss_and_grads(model, padded, packed)
@@ -116,8 +118,8 @@ def test_flex_forward_matches_sdpa_mask(dtype):
     bf16: flex's error against the fp32 model is within 2x SDPA's own bf16 error (tests/tolerances.assert_ratio)."""
     import copy
 
-    from model.config import ModelConfig
-    from model.llama import Transformer
+    from llama_erc.model.config import ModelConfig
+    from llama_erc.model.llama import Transformer
     from tests.tolerances import assert_ratio
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, hidden_dim=176, max_seq_len=64)
@@ -137,8 +139,8 @@ def test_flex_forward_matches_sdpa_mask(dtype):
 
 
 def test_flex_block_mask_shape_is_checked():
-    from model.llama import Transformer
-    from model.config import preset
+    from llama_erc.model.llama import Transformer
+    from llama_erc.model.config import preset
 
     model = Transformer(preset("tiny"))
     flex = pack(_sequences(4), pad_id=0, max_len=40, flex=True)
@@ -151,7 +153,7 @@ def test_flex_flag_errors(tmp_path):
         parse_config(TrainConfig, ["--packed_attention", "flex"])
     with pytest.raises(ValueError, match="packed_attention must be one of"):
         parse_config(TrainConfig, ["--packing", "--packed_attention", "xformers"])
-    from engine.train import train
+    from llama_erc.engine.train import train
 
     cfg = base_cfg(tmp_path, packing=True, packed_attention="flex", train_data=("meld=/nonexistent",))
     with pytest.raises(ValueError, match="trains on CUDA only"):  # before the data or the model are touched
@@ -218,7 +220,7 @@ def test_shared_prefix_loss_and_grads_match_unpacked(tmp_path):
     model = live_model(base_cfg(tmp_path))
     seqs = _with_prefix(_sequences(7), prefix=tuple(range(40, 52)))
 
-    padded = Batch(*collate(seqs, pad_id=0))
+    padded = padded_batch(seqs, pad_id=0)
     shared = pack(seqs, pad_id=0, max_len=64, share_prefix=True)
     P = shared_prefix_length(seqs)
     assert P == 11  # not 12: the fully supervised rows' first own label is predicted from the prefix's end

@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train as train_script
-from engine.checkpoint import list_checkpoints, save_checkpoint
-from engine.config import EvalConfig, TrainConfig, parse_config
-from engine.demo import DEMO_DATA
-from engine.loop import train_loop
+from llama_erc.engine.checkpoint import list_checkpoints, save_checkpoint
+from llama_erc.engine.config import EvalConfig, TrainConfig, parse_config
+from llama_erc.demo import DEMO_DATA
+from llama_erc.engine.loop import train_loop
 
-from .helpers import base_cfg, synthetic_sequences, tiny_setup
-from .resume_worker import N_EXAMPLES, RUN, WATCHDOG_S
+from tests.engine.helpers import base_cfg, synthetic_sequences, tiny_setup
+from tests.engine.resume_worker import N_EXAMPLES, RUN, WATCHDOG_S
 
 TORCHRUN_TIMEOUT_S = 300  # ~10 s idle, ~60 s on a busy 2-core box; a hang fails the test instead of blocking CI
 

@@ -5,12 +5,12 @@ import pytest
 
 import eval as eval_script
 import train as train_script
-from data import IGNORE_INDEX
-from engine import eval_run
-from engine import train as engine_train
-from engine.config import EvalConfig, TrainConfig
-from engine.data import load_example_set, prompt_config, training_data
-from engine.demo import DEMO_DATA
+from llama_erc.data import IGNORE_INDEX
+from llama_erc.engine import eval_run
+from llama_erc.data import sets as data_sets
+from llama_erc.engine.config import EvalConfig, TrainConfig
+from llama_erc.data import DataConfig, load_example_set, training_data
+from llama_erc.demo import DEMO_DATA
 
 MELD = f"meld={DEMO_DATA}"
 CORPUS = [
@@ -33,29 +33,28 @@ def corpus(tmp_path):
 
 
 def test_example_sets_carry_the_retrieved_train_utterance(corpus):
-    [dev] = load_example_set(corpus, "dev", prompt_config("2", retrieval="tfidf")).examples
+    [dev] = load_example_set(corpus, "dev", DataConfig(retrieval="tfidf").prompt_config()).examples
     assert "### Similar example:\nCy: We won the final match!\nEmotion: happy" in dev.prompt
     assert dev.response == "calm"   # the dev utterance's own label stays the answer, never the shown one
-    train = load_example_set(corpus, "train", prompt_config("2", retrieval="tfidf")).examples
+    train = load_example_set(corpus, "train", DataConfig(retrieval="tfidf").prompt_config()).examples
     # each train utterance retrieves from the other dialogue: "a" from "b" and "b" from "a"
     assert "Di: Is the soup cold?\nEmotion: calm" in train[0].prompt
     assert "Ann: The soup is cold again.\nEmotion: mad" in train[3].prompt
-    plain = load_example_set(corpus, "dev", prompt_config("2")).examples[0]
+    plain = load_example_set(corpus, "dev", DataConfig().prompt_config()).examples[0]
     assert "Similar example" not in plain.prompt
 
 
 def test_prompt_response_data_refuses_retrieval(tmp_path):
     spec = f"prompts={tmp_path / 'pr.jsonl'}"
     with pytest.raises(ValueError, match="prompts=.*retrieval tfidf"):
-        load_example_set(spec, "train", prompt_config("2", retrieval="tfidf"))
+        load_example_set(spec, "train", DataConfig(retrieval="tfidf").prompt_config())
 
 
 def test_training_data_with_retrieval_keeps_the_responses(corpus, demo_tokenizer):
-    from data import load_tokenizer
+    from llama_erc.data import load_tokenizer
     tok = load_tokenizer(demo_tokenizer)
-    kw = dict(max_len=256, context_turns="2", knowledge=(), seed=0)
-    plain, fp_plain = training_data((corpus,), tok, **kw)
-    ret, fp_ret = training_data((corpus,), tok, retrieval="tfidf", **kw)
+    plain, fp_plain = training_data(DataConfig(train_data=(corpus,), max_len=256), tok, seed=0)
+    ret, fp_ret = training_data(DataConfig(train_data=(corpus,), max_len=256, retrieval="tfidf"), tok, seed=0)
     assert len(plain) == len(ret) == 4 and fp_plain != fp_ret
     assert all(len(r.ids) > len(p.ids) for p, r in zip(plain, ret))   # same shuffle, longer prompts
 
@@ -81,7 +80,7 @@ def test_train_and_eval_pass_retrieval_to_their_prompts(tmp_path, demo_tokenizer
             seen.append((split, pcfg.retrieval))
             return real(spec, split, pcfg, knowledge)
         monkeypatch.setattr(module, "load_example_set", load)
-    spy(engine_train)
+    spy(data_sets)  # training_data and dev_sets (train.py)
     spy(eval_run)
     out = tmp_path / "run"
     common = ["--dtype", "fp32", "--device", "cpu", "--kernels", "off"]
@@ -92,4 +91,4 @@ def test_train_and_eval_pass_retrieval_to_their_prompts(tmp_path, demo_tokenizer
     for extra, want in (([], "tfidf"), (["--retrieval", "none"], "none")):   # the run's, unless overridden
         assert eval_script.main(["--run", str(out), "--data", MELD, "--split", "dev", "--max_examples", "2",
                                  "--out_dir", str(tmp_path / f"eval_{want}"), *extra, *common]) == 0
-    assert seen == [("dev", "tfidf"), ("dev", "tfidf"), ("dev", "none")]
+    assert seen == [("train", "tfidf"), ("dev", "tfidf"), ("dev", "tfidf"), ("dev", "none")]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import engine.train as engine_train
+import llama_erc.engine.train as engine_train
 import train as train_script
-from data.collate import IGNORE_INDEX, encode_example
-from data.erc import load_dialogues
-from data.prompts import build_speaker_examples, top_speakers
-from engine.checkpoint import init_adapters_file, trainable_state
-from engine.config import TrainConfig
+from llama_erc.data.encode import IGNORE_INDEX, encode_example
+from llama_erc.data import load_dialogues
+from llama_erc.data.prompts import build_speaker_examples, top_speakers
+from llama_erc.engine.checkpoint import init_adapters_file, trainable_state
+from llama_erc.engine.config import TrainConfig
 
 # speaker: lines. Phoebe (2) is met before Joey (2), and Rachel (1) before Gunther (1): ties must go by name.
 LINES = {"Monica": 5, "Ross": 4, "Phoebe": 2, "Joey": 2, "Chandler": 3, "Rachel": 1, "Janice": 1, "Gunther": 1}
@@ -62,7 +62,7 @@ def test_speaker_prompts_hide_context_and_speaker(corpus):
 
 
 def test_speaker_example_encodes_with_the_name_as_the_only_target(corpus, demo_tokenizer):
-    from data import load_tokenizer
+    from llama_erc.data import load_tokenizer
     tok = load_tokenizer(demo_tokenizer)
     ex = build_speaker_examples(load_dialogues("jsonl", corpus, "train"), "jsonl")[0]
     ids, labels = encode_example(tok, ex, 256)
@@ -71,7 +71,7 @@ def test_speaker_example_encodes_with_the_name_as_the_only_target(corpus, demo_t
 
 
 def test_speaker_names_must_be_distinct_lines(corpus):
-    from data.schema import Dialogue, Utterance
+    from llama_erc.data.schema import Dialogue, Utterance
     dialogues = [Dialogue("x", (Utterance("Ann\nLee", "hi", "joy"), Utterance("Bo", "yo", "joy")))]
     with pytest.raises(ValueError, match="distinct one-line words"):
         build_speaker_examples(dialogues, "jsonl")

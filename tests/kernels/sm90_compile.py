@@ -20,9 +20,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `kernels`
-rms_norm_module = importlib.import_module("kernels.rms_norm")
-swiglu_module = importlib.import_module("kernels.swiglu")
-rope_module = importlib.import_module("kernels.rope")
+rms_norm_module = importlib.import_module("llama_erc.kernels.rms_norm")
+swiglu_module = importlib.import_module("llama_erc.kernels.swiglu")
+rope_module = importlib.import_module("llama_erc.kernels.rope")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 

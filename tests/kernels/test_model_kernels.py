@@ -1,10 +1,11 @@
-"""The tiny model with use_kernels=True computes what it computes with the pure-torch reference ops:
+"""The tiny model running the Triton op set computes what it computes with the pure-torch reference ops:
 same logits, same gradients for every parameter, same loss curve under AdamW."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import Transformer, preset
+from llama_erc.kernels import select_ops
+from llama_erc.model import Transformer, preset
 from tests.tolerances import TOL, assert_close
 
 CFG = preset("tiny")  # dim 64, 2 layers, 4 heads / 2 kv heads (GQA), hidden 176, vocab 512
@@ -13,12 +14,12 @@ CFG = preset("tiny")  # dim 64, 2 layers, 4 heads / 2 kv heads (GQA), hidden 176
 def _models(dtype, device, **kw):
     """(reference model, kernel model) with the same weights; norm weights randomised so dw is tested."""
     torch.manual_seed(0)
-    ref = Transformer(CFG, use_kernels=False, **kw)
+    ref = Transformer(CFG, **kw)
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
-    ker = Transformer(CFG, use_kernels=True, **kw)
+    ker = Transformer(CFG, ops=select_ops(triton=True), **kw)
     ker.load_state_dict(ref.state_dict())
     return ref.to(device=device, dtype=dtype), ker.to(device=device, dtype=dtype)
 
@@ -65,7 +66,7 @@ def test_model_kernels_match_reference(dtype, packed, device):
 
 def test_model_kernels_with_activation_checkpointing(device):
     # non-reentrant checkpointing reruns the kernels' forward inside backward
-    ref, ker = _models(torch.float32, device, checkpointing=True)
+    ref, ker = _models(torch.float32, device, activation_checkpointing=True)
     tokens, targets = _batch(device)
     for m in (ref, ker):
         _loss(m, tokens, targets)[1].backward()

@@ -4,12 +4,12 @@ import importlib
 import pytest
 import torch
 
-import kernels as K
-from kernels import REFERENCE as REF
+import llama_erc.kernels as K
+from llama_erc.kernels import REFERENCE as REF
 from tests.kernels.helpers import check_against_reference, randn, run_with_grads
 from tests.tolerances import TOL, assert_close
 
-rms_norm_module = importlib.import_module("kernels.rms_norm")  # `kernels.rms_norm` itself is the function
+rms_norm_module = importlib.import_module("llama_erc.kernels.rms_norm")  # `kernels.rms_norm` itself is the function
 DTYPES = [torch.float32, torch.bfloat16]
 
 

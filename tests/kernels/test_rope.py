@@ -5,12 +5,12 @@ import importlib
 import pytest
 import torch
 
-import kernels as K
-from kernels import REFERENCE as REF
+import llama_erc.kernels as K
+from llama_erc.kernels import REFERENCE as REF
 from tests.kernels.helpers import check_against_reference, randn
 from tests.tolerances import TOL, assert_close
 
-rope_module = importlib.import_module("kernels.rope")
+rope_module = importlib.import_module("llama_erc.kernels.rope")
 DTYPES = [torch.float32, torch.bfloat16]
 GRADS = ["elementwise", None, None]  # x only: cos/sin are constant tables
 

@@ -4,11 +4,11 @@ import importlib
 import pytest
 import torch
 
-import kernels as K
-from kernels import REFERENCE as REF
+import llama_erc.kernels as K
+from llama_erc.kernels import REFERENCE as REF
 from tests.kernels.helpers import check_against_reference, randn
 
-swiglu_module = importlib.import_module("kernels.swiglu")  # `kernels.swiglu` itself is the function
+swiglu_module = importlib.import_module("llama_erc.kernels.swiglu")  # `kernels.swiglu` itself is the function
 DTYPES = [torch.float32, torch.bfloat16]
 GRADS = ["elementwise", "elementwise"]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model.config import meta_hidden_dim
-from model.convert import main as convert_main
-from model.hf_keys import hf_to_meta_key, permute_to_meta, qk_heads
+from llama_erc.model.config import meta_hidden_dim
+from llama_erc.engine.convert import main as convert_main
+from llama_erc.model.hf_keys import hf_to_meta_key, permute_to_meta, qk_heads
 from tests.model.helpers_gguf import llama3_rope_factors, write_gguf
 
 # Llama 3 rotary scaling (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings): Llama 3.1's

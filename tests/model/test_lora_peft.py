@@ -14,11 +14,11 @@ import torch.nn.functional as F
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from model.config import from_hf_config  # noqa: E402
-from model.hf_keys import LINEAR_META_TO_HF, hf_to_meta_key, permute_to_hf, permute_to_meta, qk_heads  # noqa: E402
-from model.llama import Transformer  # noqa: E402
-from model.lora import LoRAConfig, apply_lora, lora_state_dict  # noqa: E402
-from model.lora_peft import export_peft, import_peft  # noqa: E402
+from llama_erc.model.config import from_hf_config  # noqa: E402
+from llama_erc.model.hf_keys import LINEAR_META_TO_HF, hf_to_meta_key, permute_to_hf, permute_to_meta, qk_heads  # noqa: E402
+from llama_erc.model.llama import Transformer  # noqa: E402
+from llama_erc.model.lora import LoRAConfig, apply_lora, lora_state_dict  # noqa: E402
+from llama_erc.model.peft import export_peft, import_peft  # noqa: E402
 from tests.tolerances import TOL, assert_close, max_rel_err  # noqa: E402
 
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -10,10 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model.checkpoint import CheckpointError, load_pretrained
-from model.config import ModelConfig, from_hf_config, from_meta_params, to_meta_params
-from model.llama import Transformer
-from model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
+from llama_erc.kernels import select_ops
+from llama_erc.model.load import LoadError, load_pretrained
+from llama_erc.model.config import ModelConfig, from_hf_config, from_meta_params, to_meta_params
+from llama_erc.model.llama import Transformer
+from llama_erc.model.lora import LoRAConfig, apply_lora, lora_state_dict, merge_lora
 from tests.tolerances import TOL, assert_close, max_rel_err
 
 BASE_HF = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96,
@@ -58,7 +59,7 @@ def test_load_pretrained_refusal_names_config_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE_HF, "rope_scaling": {"rope_type": "yarn",
                                                                                   "factor": 4.0}}))
     save_file({"model.embed_tokens.weight": torch.zeros(97, 64)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"config.json: rope_scaling.rope_type 'yarn' is unsupported"):
+    with pytest.raises(LoadError, match=r"config.json: rope_scaling.rope_type 'yarn' is unsupported"):
         load_pretrained(tmp_path)
 
 
@@ -81,7 +82,7 @@ def tied(tmp_path_factory):
     """A tied, Llama-3.2-scaled HF model, its HF checkpoint (with tokenizer side files), form 1 of it (via
     model.convert) and a batch of tokens."""
     pytest.importorskip("transformers")
-    from model.convert import main as convert_main
+    from llama_erc.engine.convert import main as convert_main
     from tests.model.helpers_hf import LLAMA32_ROPE, TinySpec, make_hf_model, save_hf, tokens_for
     spec = TinySpec("llama3_tied", hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=71, theta=500000.0,
                     rope=LLAMA32_ROPE, tied=True)
@@ -131,7 +132,7 @@ def test_lora_and_merge_on_tied_model(tied):
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # transformers, inside PEFT
 def test_peft_round_trip_on_tied_model(tied, tmp_path):
     peft = pytest.importorskip("peft")
-    from model.lora_peft import export_peft, import_peft
+    from llama_erc.model.peft import export_peft, import_peft
     hf, _, dst, tokens = tied
     ours = apply_lora(load_pretrained(dst, dtype=torch.float32), LoRAConfig(4, 8, 0.0, ALL), verbose=False).eval()
     g = torch.Generator().manual_seed(4)
@@ -151,11 +152,11 @@ def test_peft_round_trip_on_tied_model(tied, tmp_path):
 
 
 def test_kernels_on_llama3_tied_model(tied):
-    """use_kernels=True (Triton, interpreted on CPU) gives the reference path's logits on a scaled, tied model."""
+    """The Triton op set (interpreted on CPU) gives the reference path's logits on a scaled, tied model."""
     _, _, dst, tokens = tied
     ref = load_pretrained(dst, dtype=torch.float32)
-    fast = load_pretrained(dst, dtype=torch.float32, use_kernels=True)
-    assert fast.use_kernels and fast.output.weight is fast.tok_embeddings.weight
+    fast = load_pretrained(dst, dtype=torch.float32, ops=select_ops(triton=True))
+    assert fast.ops.rms_norm is not ref.ops.rms_norm and fast.output.weight is fast.tok_embeddings.weight
     tokens = tokens[:1, :9]  # the interpreter is slow
     with torch.no_grad():
         assert_close(fast(tokens), ref(tokens), TOL["logits"][torch.float32])

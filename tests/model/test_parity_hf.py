@@ -14,8 +14,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from model.checkpoint import load_pretrained  # noqa: E402
-from model.llama import Transformer  # noqa: E402
+from llama_erc.model.load import load_pretrained  # noqa: E402
+from llama_erc.model.llama import Transformer  # noqa: E402
 from tests.model.helpers_hf import SPECS, build_forms, tokens_for  # noqa: E402
 from tests.tolerances import TOL, assert_close, max_rel_err  # noqa: E402
 

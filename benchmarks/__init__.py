@@ -1,1 +1,0 @@
-"""Benchmark code beside its results (benchmarks/results/): the HF + PEFT baseline that bench.py runs."""

@@ -1,0 +1,79 @@
+"""`train(cfg)`: everything a run does, in order. Data and tokenizer are validated before the model loads,
+so a bad path or an over-long example fails in seconds, not after loading 13 GB of weights.
+
+`main` is train.py's face (`torchrun train.py ...`, the `llama-erc-train` console script)."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from llama_erc.data import dev_sets, training_data
+from llama_erc.engine.build import build_lora_model, load_codec
+from llama_erc.engine.checkpoint import init_adapters_file, load_trainable
+from llama_erc.engine.config import TrainConfig, parse_config
+from llama_erc.engine.evaluate import evaluate_sets
+from llama_erc.engine.loop import train_loop
+from llama_erc.engine.runtime import seed_everything, setup_runtime, teardown_runtime
+from llama_erc.engine.step import NonFiniteError
+
+
+def train(cfg: TrainConfig) -> dict:
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.kernels)
+    try:
+        # the run computes in one dtype and records it (a resume elsewhere, where auto chose otherwise, is refused)
+        cfg = replace(cfg, dtype=rt.dtype_name)
+        if rt.is_main and rt.dtype_reason:
+            print(f"dtype: {rt.dtype_reason}", flush=True)
+        if cfg.packed_attention == "flex" and rt.device.type != "cuda":
+            raise ValueError(f"--packed_attention flex trains on CUDA only (flex_attention has no {rt.device.type} "
+                             "backward in torch 2.13); use --packed_attention sdpa")
+        seed_everything(cfg.seed)
+        init_file = init_adapters_file(cfg.init_adapters, asdict(cfg)) if cfg.init_adapters else None
+        codec = load_codec(cfg.model, cfg.tokenizer, cfg.prompt_format)
+        train_seqs, fingerprints = training_data(cfg.data, codec, cfg.seed)
+        dev = dev_sets(cfg.data)
+        if rt.is_main:
+            out = Path(cfg.out_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
+            print(f"config: {json.dumps(asdict(cfg), sort_keys=True)}", flush=True)
+        model, mcfg = build_lora_model(cfg.model, rt, cfg.lora, vocab_size=codec.vocab_size, seed=cfg.seed,
+                                       activation_checkpointing=cfg.activation_checkpointing,
+                                       fused_lora=cfg.fused_lora)
+        if init_file is not None:
+            # A new stage: only the adapter weights carry over; optimizer, step and lr schedule start fresh. On
+            # --resume, train_loop then copies the checkpoint's adapters over all of these, so the checkpoint wins.
+            load_trainable(model, init_file)
+            if rt.is_main:
+                print(f"init adapters: {init_file}", flush=True)
+
+        def evaluator(m):
+            return evaluate_sets(m, codec, dev, max_len=cfg.max_len, batch_size=cfg.dev_batch_size,
+                                 max_examples=cfg.eval_max_examples)
+
+        return train_loop(cfg, rt, model, mcfg, train_seqs, codec.pad_id, evaluator if dev else None,
+                          data_fingerprints=fingerprints)
+    finally:
+        teardown_runtime()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """train.py: exit 0 when done (or stopped by a signal, resumable), 1 on a non-finite loss, 2 on bad input."""
+    try:
+        cfg = parse_config(TrainConfig, argv)
+        state = train(cfg)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:  # bad arguments, data or checkpoints: DataError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done at step {state['step']}" + (" (interrupted; resume with --resume)" if state.get("interrupted")
+                                             else "") + f"; outputs in {cfg.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

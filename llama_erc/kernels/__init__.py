@@ -1,0 +1,56 @@
+"""Fused ops for the LLaMA-family engine, and their pure-torch specs.
+
+Public API (what `model` may import):
+    rms_norm, swiglu, apply_rope   Triton kernels, forward and backward (rms_norm.py, swiglu.py, rope.py)
+    lora_linear                    the LoRA linear as one autograd node (lora_linear.py; torch ops, hand-written
+                                   backward)
+    REFERENCE                      the namespace of pure-torch twins with the same signatures (reference.py),
+                                   plus REFERENCE.rope_cos_sin; each twin is its op's spec
+    Ops, select_ops, REFERENCE_OPS the op set a model runs, chosen once (model.Transformer.ops)
+
+Set TRITON_INTERPRET=1 before importing this package to run the Triton kernels on CPU. The functionals shadow
+their modules here (`kernels.rms_norm` is the function); the launchers and kernels live in the modules,
+reachable with importlib.import_module("llama_erc.kernels.rms_norm").
+
+Adding an op:
+1. its pure-torch spec in reference.py (no triton import there), with the math and cast points in its docstring;
+2. one module, `<op>.py`, in the order of STYLE.md section 5: math docstring, `@triton.jit` kernels
+   (`_<op>_fwd_kernel`, `_<op>_bwd_kernel`), launchers (`<op>_fwd`, `<op>_bwd`, checking their inputs with
+   _utils), the `<Op>Function` autograd class and the functional `<op>`;
+3. a field of `Ops` below and its two entries in `select_ops` (the fast op and its twin), then the model module
+   that calls it through `self.ops.<op>`;
+4. tests in tests/kernels/: forward and every gradient against the twin in fp32 and bf16 (odd sizes, one row,
+   a non-contiguous input), with the tolerances of tests/tolerances.py, and a `gpu`-marked test at 7B sizes;
+5. a row in the kernel benchmark (llama_erc/benchmarks/kernels.py).
+"""
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llama_erc.kernels import reference as REFERENCE
+from llama_erc.kernels.lora_linear import lora_linear
+from llama_erc.kernels.rms_norm import rms_norm
+from llama_erc.kernels.rope import apply_rope
+from llama_erc.kernels.swiglu import swiglu
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op set a model's modules call (model.Transformer.ops): fused ops or their pure-torch twins."""
+    rms_norm: Callable
+    swiglu: Callable
+    apply_rope: Callable
+    lora_linear: Callable
+
+
+def select_ops(triton: bool = False, fused_lora: bool = False) -> Ops:
+    """The Triton kernels (triton=True) or their specs for RMSNorm, SwiGLU and RoPE; the one-node LoRA linear
+    (fused_lora=True) or its eager twin. Each choice computes the same function as the other."""
+    return Ops(rms_norm=rms_norm if triton else REFERENCE.rms_norm,
+               swiglu=swiglu if triton else REFERENCE.swiglu,
+               apply_rope=apply_rope if triton else REFERENCE.apply_rope,
+               lora_linear=lora_linear if fused_lora else REFERENCE.lora_linear)
+
+
+REFERENCE_OPS = select_ops()
+
+__all__ = ["REFERENCE", "REFERENCE_OPS", "Ops", "apply_rope", "lora_linear", "rms_norm", "select_ops", "swiglu"]

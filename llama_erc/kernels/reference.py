@@ -1,0 +1,61 @@
+"""Pure-torch reference ops: the spec every Triton kernel in this package must match.
+
+No triton import here, so the model can always fall back to these (CPU, debugging).
+
+    rms_norm(x, w, eps)   y = (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype) * w        (Meta's cast points)
+    swiglu(gate, up)      y = silu(gate) * up                                         (in the input dtype)
+    apply_rope(x, c, s)   interleaved pairs (x[2i], x[2i+1]) rotated by angle theta_i:
+                            y[2i]   = x[2i] * c_i - x[2i+1] * s_i
+                            y[2i+1] = x[2i] * s_i + x[2i+1] * c_i
+                          computed in fp32 from fp32 cos/sin, cast back to x.dtype  (Meta's complex multiply)
+    rope_cos_sin(pos, head_dim, theta)  fp32 tables (..., head_dim/2) for positions of any leading shape.
+    lora_linear(x, W, A, B, s, p, training)
+                          y = x W^T + s * (dropout_p(x) A^T) B^T, A and B cast to x.dtype     (LoRA, eager)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """x: (..., N), weight: (N,) -> (..., N) in the promoted dtype of x and weight."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.to(x.dtype) * weight
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """gate, up: (..., F) -> silu(gate) * up, same shape and dtype."""
+    return F.silu(gate) * up
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """positions: (T,) or (B, T) integer -> cos, sin: (T, Dh/2) or (B, T, Dh/2), both fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (..., Dh/2), fp32 like Meta's torch.outer
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, T, H, Dh); cos, sin: (T, Dh/2) or (B, T, Dh/2) fp32 -> (B, T, H, Dh) in x.dtype."""
+    B, T, H, Dh = x.shape
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]  # (1, T, Dh/2)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, T, 1, Dh/2): broadcast over heads
+    pairs = x.float().reshape(B, T, H, Dh // 2, 2)  # (B, T, H, Dh/2, 2): (x[2i], x[2i+1])
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    y = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, Dh/2, 2)
+    return y.reshape(B, T, H, Dh).to(x.dtype)
+
+
+def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout_p: float,
+                training: bool) -> Tensor:
+    """x: (..., in), weight (out, in) in x's dtype, lora_a (r, in), lora_b (out, r) any float dtype -> (..., out).
+
+    A and B are cast to x's dtype for the matmuls (autograd returns their grads in their own dtype); dropout on
+    the adapter's input only, when training and dropout_p > 0, as nn.Dropout would."""
+    x_d = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
+    h = F.linear(x_d, lora_a.to(x.dtype))  # (..., r)
+    return F.linear(x, weight) + scale * F.linear(h, lora_b.to(x.dtype))
