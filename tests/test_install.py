@@ -92,8 +92,8 @@ def test_wheel_holds_only_the_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     outside = [n for n in names if not (n.startswith("llama_erc/") or n.split("/")[0].endswith(".dist-info"))]
     assert not outside, f"the wheel holds files outside llama_erc/: {outside[:10]}"
-    assert {"llama_erc/engine/train.py", "llama_erc/kernels/rms_norm.py", "llama_erc/demo/meld_format/train_sent_emo.csv",
-            "llama_erc/benchmarks/bench.py"} <= set(names)
+    assert {"llama_erc/engine/train.py", "llama_erc/kernels/rms_norm.py", "llama_erc/benchmarks/bench.py",
+            "llama_erc/demo/meld_format/train_sent_emo.csv"} <= set(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     for script in ("llama-erc-train", "llama-erc-eval", "llama-erc-bench"):

@@ -58,6 +58,11 @@ def corpus(kind: str) -> Corpus:
     return CORPORA[kind]
 
 
+def fixed_labels(dataset: str) -> tuple[str, ...] | None:
+    """The registry's label set of a dataset; None for a corpus without one, or a name the registry lacks."""
+    return CORPORA[dataset].labels if dataset in CORPORA else None
+
+
 def display_name(dataset: str) -> str:
     """How prompts name a dataset: the registry's name, else the dataset's own name."""
     return CORPORA[dataset].name if dataset in CORPORA else dataset

@@ -6,7 +6,7 @@ fixed seed); with PromptConfig.retrieval "tfidf", a "### Similar example:" secti
 train utterance of another dialogue with its train label (data/retrieval.py); the k previous utterances with
 their speakers (k = PromptConfig.context_turns, "all" for the whole history); the target with its speaker;
 the target's supplementary knowledge when it has one; and the answer cue. The response is the label word (EOS
-is added at tokenization, data/collate.py):
+is added at tokenization, data/encode.py):
 
     ### Instruction:
     Identify the emotion of the target utterance in this MELD conversation. Answer with exactly one of: ...
@@ -38,7 +38,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from llama_erc.data.corpora import LABELS, default_label_words, display_name
+from llama_erc.data.corpora import default_label_words, display_name, fixed_labels
 from llama_erc.data.retrieval import nearest_train_utterances
 from llama_erc.data.schema import DataError, Dialogue, Utterance
 
@@ -159,11 +159,11 @@ def draw_demonstrations(pool: Sequence[Dialogue], n: int, seed: int) -> list[Utt
 
 def _label_choices(dataset: str, labels: Sequence[str] | None,
                    cfg: PromptConfig) -> tuple[Sequence[str], dict[str, str], tuple[str, ...]]:
-    """(labels, {label: word}, the words in label order) for a dataset; labels default to LABELS[dataset]."""
+    """(labels, {label: word}, the words in label order) for a dataset; labels default to the registry's."""
     if labels is None:
-        if dataset not in LABELS:
+        labels = fixed_labels(dataset)
+        if labels is None:
             raise ValueError(f"dataset {dataset!r} has no built-in label set; pass labels=")
-        labels = LABELS[dataset]
     words = label_words(dataset, labels, cfg)
     return labels, words, tuple(words[label] for label in labels)
 
@@ -176,7 +176,7 @@ def build_examples(dialogues: Sequence[Dialogue], dataset: str, cfg: PromptConfi
 
     Args:
         dataset: "meld" | "emorynlp" | "iemocap" or any other name (then `labels` is required).
-        labels: the label set; default LABELS[dataset].
+        labels: the label set; default the registry's (data/corpora.py).
         demo_pool: dialogues to draw few-shot demonstrations from (the train split); needed when n_shots > 0.
         retrieval_pool: the train dialogues to retrieve from (data/retrieval.py); needed when cfg.retrieval is
             not "none". The retrieved utterance is shown with its own train label after any few-shot ones.

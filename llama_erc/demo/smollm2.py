@@ -10,7 +10,7 @@ the demo runs from any directory) in a process of its own, as a user would run i
    else fp32; no dev evaluation: the last adapter is kept);
 3. `eval.py --run` scores the same test split with the adapters.
 Both evaluations use the same prompt format, context and label-restricted decoding, so the two rows of the table
-differ only by the adapters. The demo set (data/demo/meld_format) is synthetic dialogues in MELD's CSV format
+differ only by the adapters. The demo set (llama_erc/demo/meld_format) is synthetic dialogues in MELD's CSV format
 written for this project: the numbers show the pipeline working on a real model, not MELD results.
 """
 from __future__ import annotations

@@ -36,10 +36,10 @@ class TrainConfig(DataConfig):
     kernels: str = "auto"  # Triton kernels: auto (on for CUDA) | on | off
     activation_checkpointing: str = "full"  # none | full | selective (per block, non-reentrant; model/llama.py)
     # LoRA
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("wq", "wv")
+    lora_rank: int = LoRAConfig.rank  # each default is defined once, in its sub-config
+    lora_alpha: float = LoRAConfig.alpha
+    lora_dropout: float = LoRAConfig.dropout
+    lora_targets: tuple[str, ...] = LoRAConfig.targets
     fused_lora: bool = False  # one autograd node per adapted linear (kernels/lora_linear.py); the same function
     init_adapters: str = ""  # start the LoRA weights from a run dir or checkpoint dir (e.g. a speaker stage)
     # batch layout: the same update whichever is chosen (engine/packing.py)
@@ -51,14 +51,14 @@ class TrainConfig(DataConfig):
     grad_accum: int = 16  # global batch = micro_batch * grad_accum * world_size (the paper: 128)
     epochs: int = 5
     max_steps: int = 0  # > 0 overrides epochs
-    lr: float = 3e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: float = OptimConfig.lr
+    min_lr: float = OptimConfig.min_lr
+    warmup_steps: int = OptimConfig.warmup_steps
+    weight_decay: float = OptimConfig.weight_decay
+    beta1: float = OptimConfig.beta1
+    beta2: float = OptimConfig.beta2
+    adam_eps: float = OptimConfig.adam_eps
+    grad_clip: float = OptimConfig.grad_clip
     seed: int = 1234
     # bookkeeping
     out_dir: str = "runs/default"

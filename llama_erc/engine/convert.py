@@ -1,6 +1,7 @@
 """Convert a checkpoint (form 2: Meta consolidated.NN.pth, form 3: HF safetensors, form 4: GGUF) to form 1.
+It lives in engine/ because a GGUF's vocabulary is written too, and that is data/'s (model/ imports no data/).
 
-    python -m model.convert SRC DST [--dtype bf16|fp16|fp32] [--max-shard-size 2GB] [--no-tokenizer]
+    python -m llama_erc.engine.convert SRC DST [--dtype bf16|fp16|fp32] [--max-shard-size 2GB] [--no-tokenizer]
 
 DST gets Meta-named safetensors shards (model.safetensors, or model-00001-of-0000N.safetensors ...),
 model.safetensors.index.json {"metadata": {"total_size": bytes}, "weight_map": {key: file}}, a params.json
@@ -8,7 +9,7 @@ that rebuilds the exact ModelConfig (model.config.to_meta_params), and the token
   * a directory source: the tokenizer files it has (TOKENIZER_FILES: tokenizer.model, tokenizer.json,
     tokenizer_config.json, chat_template.jinja, ...), copied as they are;
   * a GGUF source (SRC is the .gguf file or a directory holding one): the embedded vocabulary written as
-    tokenizer.json + tokenizer_config.json (data.tokenizer_bpe.save_hf_tokenizer), which data.load_tokenizer
+    tokenizer.json + tokenizer_config.json (data.tokenizers.save_hf_tokenizer), which data.load_tokenizer
     reads as the same tokenizer as the GGUF itself. It is built before anything is written; a GGUF whose
     vocabulary data/ cannot read (SentencePiece-style) is refused unless --no-tokenizer is given.
 Tied embeddings are stored once (tok_embeddings.weight; params.json says tie_embeddings).
@@ -31,10 +32,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llama_erc.model.load import LoadError, check_against_model, weight_keys, open_weights
+from llama_erc.data import DataError
+from llama_erc.data.tokenizers import load_gguf_tokenizer, save_hf_tokenizer
 from llama_erc.model.config import to_meta_params
 from llama_erc.model.gguf import field_value, import_gguf
 from llama_erc.model.llama import Transformer
+from llama_erc.model.load import LoadError, check_against_model, open_weights, weight_keys
 
 # copied from a directory source when present: what data.load_tokenizer reads (tokenizer.json's side files too)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -69,20 +72,16 @@ def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 
 def _gguf_tokenizer(path: Path):
-    """The GGUF's embedded tokenizer as data/ builds it, or None when the file has no vocabulary.
-
-    The one import from data/ in model/ (lazy, GGUF conversion only): the vocabulary -> tokenizer.json rules
-    live there, next to the reader that must agree with them."""
+    """The GGUF's embedded tokenizer as data/ builds it (the vocabulary -> tokenizer.json rules live there, next
+    to the reader that must agree with them), or None when the file has no vocabulary."""
     reader = import_gguf(path).GGUFReader(str(path), "r")
     if field_value(reader, "tokenizer.ggml.model") is None:
         return None
-    from llama_erc.data.schema import DataError
-    from llama_erc.data.tokenizers.bpe import load_gguf_tokenizer
     try:
         return load_gguf_tokenizer(path)
     except DataError as e:
         raise LoadError(f"{path}: cannot write its tokenizer ({e}); pass --no-tokenizer to convert the "
-                              "weights only") from None
+                        "weights only") from None
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
@@ -118,7 +117,6 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = Non
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (dst / "params.json").write_text(json.dumps(to_meta_params(ckpt.config), indent=2) + "\n")
         if tok is not None:
-            from llama_erc.data.tokenizers.bpe import save_hf_tokenizer
             save_hf_tokenizer(tok, dst)
         elif tokenizer and src.is_dir():
             for name in TOKENIZER_FILES:
@@ -135,7 +133,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llama_erc.engine.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("src", type=Path, help="checkpoint: a directory (Meta consolidated.NN.pth, HF safetensors) "
                                           "or a .gguf file (or a directory holding one)")
     p.add_argument("dst", type=Path, help="output directory (created; must not already hold a checkpoint)")

@@ -15,7 +15,8 @@ import torch
 
 from llama_erc.data import load_example_set, parse_spec
 from llama_erc.engine.build import build_lora_model, load_codec
-from llama_erc.engine.calibration import CALIBRATION_FILE, Calibration, fit_calibration, read_calibrations, write_calibration
+from llama_erc.engine.calibration import (CALIBRATION_FILE, Calibration, fit_calibration, read_calibrations,
+                                          write_calibration)
 from llama_erc.engine.checkpoint import find_adapters, load_trainable, read_run_record, train_config_of
 from llama_erc.engine.config import EvalConfig, parse_config, resolve_run_config
 from llama_erc.engine.evaluate import predict_set, subset, write_eval_outputs

@@ -8,8 +8,9 @@ checkpoint recorded, and a difference is refused with the field named:
   data order. Its make-up may change (1 process x grad_accum 2 -> 2 processes x grad_accum 1, another
   micro-batch): every step then sees the same examples with the same normalisation (engine/batching.py), so the
   updates are the same up to summation order; with LoRA dropout on, the masks are drawn per process and differ;
-- the training examples, as a fingerprint per dataset (data.fingerprint): the count and a SHA-256 of the token ids and labels (and
-  of the loss weight of every example whose weight is not 1, e.g. --aux_impact's, so another alpha differs).
+- the training examples, as a fingerprint per dataset (data.fingerprint): the count and a SHA-256 of the token ids
+  and labels (and of the loss weight of every example whose weight is not 1, e.g. --aux_impact's, so another alpha
+  differs).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 RESUME_MUTABLE = {"resume", "log_every", "save_every", "keep_last", "eval_every", "eval_max_examples",
                   "eval_batch_size", "device", "kernels", "activation_checkpointing", "fused_lora",
-                  "packed_attention", "out_dir", "micro_batch", "grad_accum"}  # the last two: only their product with the processes is fixed
+                  "packed_attention", "out_dir",
+                  "micro_batch", "grad_accum"}  # the last two: only their product with the processes is fixed
 
 
 def batch_record(micro_batch: int, grad_accum: int, world_size: int) -> dict:

@@ -72,10 +72,15 @@ def _cpu_bf16_matmul_probe(n: int = 256, reps: int = 5) -> bool:
     return best(torch.bfloat16) <= best(torch.float32)
 
 
+def _onednn_bf16_check():
+    """oneDNN's own answer (it honours ONEDNN_MAX_CPU_ISA), or None where this torch build has no such op."""
+    return getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+
+
 def cpu_has_native_bf16() -> tuple[bool, str]:
     """(whether this CPU runs bf16 matmuls natively, how that was decided)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    check = _onednn_bf16_check()
     if check is not None:
         native = bool(check())
         return native, f"CPU capability {capability}, oneDNN native bf16 {'yes' if native else 'no'}"

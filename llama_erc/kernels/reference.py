@@ -56,6 +56,7 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
 
     A and B are cast to x's dtype for the matmuls (autograd returns their grads in their own dtype); dropout on
     the adapter's input only, when training and dropout_p > 0, as nn.Dropout would."""
+    y = F.linear(x, weight)  # first: autograd then sums x's gradient in the order the engine always has
     x_d = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     h = F.linear(x_d, lora_a.to(x.dtype))  # (..., r)
-    return F.linear(x, weight) + scale * F.linear(h, lora_b.to(x.dtype))
+    return y + scale * F.linear(h, lora_b.to(x.dtype))

@@ -25,7 +25,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from llama_erc.kernels._utils import cast_rne, check_float, check_same_device, num_warps_for, row_launch_config, rows_per_tile
+from llama_erc.kernels._utils import (cast_rne, check_float, check_same_device, num_warps_for, row_launch_config,
+                                       rows_per_tile)
 
 DW_PROGRAMS = 256  # programs that share the dw reduction: partials stay small, yet enough to fill a GPU
 

@@ -23,7 +23,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from llama_erc.kernels._utils import TILE_ELEMS, cast_rne, check_float, check_same_device, num_warps_for, row_launch_config
+from llama_erc.kernels._utils import (TILE_ELEMS, cast_rne, check_float, check_same_device, num_warps_for,
+                                       row_launch_config)
 
 
 @triton.jit

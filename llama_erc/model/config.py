@@ -104,7 +104,7 @@ def from_meta_params(params: dict, vocab_size: int | None = None, source: str = 
 
     Llama 3.x: `use_scaled_rope: true` is Meta's Llama 3 rotary scaling; the factor is `rope_scaling_factor`
     (Meta's reference default 8, Llama 3.1), with `low_freq_factor`, `high_freq_factor` and
-    `original_max_position_embeddings` when present. Tied embeddings: `tie_embeddings` (what model.convert
+    `original_max_position_embeddings` when present. Tied embeddings: `tie_embeddings` (what engine/convert.py
     writes), or a checkpoint without `output.weight` (has_output=False).
     """
     try:
@@ -116,7 +116,7 @@ def from_meta_params(params: dict, vocab_size: int | None = None, source: str = 
         if vocab_size is None:
             raise ValueError(f"{source}: vocab_size is {vocab} (from the tokenizer) and no vocab size was given")
         vocab = vocab_size
-    if "hidden_dim" in params:  # written by model.convert for sizes multiple_of cannot express
+    if "hidden_dim" in params:  # written by engine/convert.py for sizes multiple_of cannot express
         hidden = int(params["hidden_dim"])
     else:
         hidden = meta_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier"))

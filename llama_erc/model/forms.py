@@ -1,7 +1,7 @@
 """Readers for the four on-disk checkpoint forms; each yields Meta-named tensors in Meta's layout.
 
     1. "meta-safetensors": params.json + Meta-named *.safetensors (one or many shards, optional
-       model.safetensors.index.json {"weight_map": {key: file}}). What model.convert writes.
+       model.safetensors.index.json {"weight_map": {key: file}}). What engine/convert.py writes.
     2. "meta-pth": params.json + consolidated.00.pth .. consolidated.NN.pth, Meta's original download.
        13B/70B come as NN+1 model-parallel shards of every tensor, joined on the axis that Meta's
        fairscale layers split (_MP_AXIS); norms are replicated; `rope.freqs` is a derived buffer, ignored.
@@ -19,7 +19,7 @@ WeightSource.fetch(key, dtype, device), in Meta's layout. Memory, per tensor:
     one owned tensor, so no file-backed pages stay resident beside the result; the cast/permute makes
     at most one transient copy of that one tensor. Form 2 stays memory-mapped (torch.load has no pread),
     so joining model-parallel shards or casting keeps touched file pages resident (clean page cache, but
-    counted in RSS) until loading ends: convert form 2 to form 1 once (python -m model.convert).
+    counted in RSS) until loading ends: convert form 2 to form 1 once (python -m llama_erc.engine.convert).
 """
 from __future__ import annotations
 

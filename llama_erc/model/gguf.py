@@ -156,7 +156,7 @@ class GGUFFile:
         Memory: the result is allocated once, in dtype, and filled a chunk of rows at a time (_DEQUANT_CHUNK
         elements: numpy's dequantization makes several temporaries of its input's size, and a bf16 load never
         holds a full fp32 copy); then the file pages under the tensor are dropped (_drop_pages). Measured on
-        SmolLM2 as bf16 (scripts/measure_load_rss.py --gguf; 257 MiB of weights, a 94 MiB file): peak RSS
+        SmolLM2 as bf16 (benchmarks/load_rss.py --gguf; 257 MiB of weights, a 94 MiB file): peak RSS
         355 MiB, against 602 MiB with whole-tensor fp32 dequantization, a cast, and the metadata kept.
         """
         t = self.tensors[key]

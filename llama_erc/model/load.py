@@ -1,8 +1,8 @@
 """Validated loading of pretrained LLaMA-family weights into our Transformer, from any of four forms.
 
-Forms (detected from the directory; readers in model/formats.py):
-    1. params.json + Meta-named *.safetensors (+ model.safetensors.index.json): what `python -m model.convert`
-       writes; the zero-copy path.
+Forms (detected from the directory; readers in model/forms.py):
+    1. params.json + Meta-named *.safetensors (+ model.safetensors.index.json): what engine/convert.py writes;
+       the zero-copy path.
     2. params.json + consolidated.NN.pth: Meta's download; model-parallel shards joined per tensor.
     3. config.json + HF-named model*.safetensors (+ index): renamed, wq/wk un-permuted to Meta's rotary order.
     4. a GGUF file (or a directory holding one): llama.cpp's format, dequantized tensor by tensor (model/gguf.py).
@@ -14,8 +14,8 @@ parameters: no second copy of the weights ever exists. On CPU with dtype equal t
 tensors that need no re-layout are zero-copy: parameters are copy-on-write views of the memory-mapped
 files, paged in when first used (so do not truncate or rewrite those files in place while the model
 lives; replacing them is fine). Anything converted is read with pread into owned memory first, so file
-pages do not stay resident beside the converted copy (details in model/formats.py).
-Measured (scripts/measure_load_rss.py, 1.06B params, bf16 form 1): peak RSS 1.04x the weights' bytes.
+pages do not stay resident beside the converted copy (details in model/forms.py).
+Measured (benchmarks/load_rss.py, 1.06B params, bf16 form 1): peak RSS 1.04x the weights' bytes.
 
 Every check (keys, shapes, config vs tensors, file integrity) runs on JSON and tensor headers before any
 weight byte is read; a failure raises LoadError naming the file or key, never a partial load.

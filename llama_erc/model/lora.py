@@ -16,7 +16,7 @@ MHA so wk/wv are 4096 x 4096 too):
     r=2 on wq, wk, wv, wo:  32 * 4 * 2 * 8192   = 2,097,152   (~2.1M)
 So "about 2.1M on 7B" is r=4 on wq,wv (or r=8 on one 4096 x 4096 projection), not r=8 on wq,wv.
 `n_lora_params` computes the count from the configs without building a model.
-The PEFT adapter format (export_peft / import_peft) lives in lora_peft.py.
+The PEFT adapter format (export_peft / import_peft) lives in peft.py.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ _METADATA_KEY = "lora_config"  # safetensors metadata entry holding asdict(LoRAC
 @dataclass(frozen=True)
 class LoRAConfig:
     rank: int = 8
-    alpha: float = 16
+    alpha: float = 16.0
     dropout: float = 0.05
     targets: tuple[str, ...] = ("wq", "wv")  # Meta linear names; a list is accepted and stored as a tuple
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from llama_erc.model.config import ModelConfig
 from llama_erc.model.hf_keys import LINEAR_META_TO_HF, permute_to_hf, permute_to_meta
-from llama_erc.model.lora import (VALID_TARGETS, LoRAConfig, _check_keys, _copy_into, _lora_modules, _read_safetensors, apply_lora,
-                   lora_config_of, lora_state_dict)
+from llama_erc.model.lora import (VALID_TARGETS, LoRAConfig, _check_keys, _copy_into, _lora_modules, _read_safetensors,
+                                  apply_lora, lora_config_of, lora_state_dict)
 
 _PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> LlamaForCausalLM
 _HF_SHORT_TO_META = {hf.rsplit(".", 1)[1]: meta for meta, hf in LINEAR_META_TO_HF.items()}  # q_proj -> wq

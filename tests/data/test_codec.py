@@ -3,7 +3,7 @@ the ids of the joined text, the answer's end token, special-token strings in utt
 (encode_example) and decoding (engine.evaluate.predict_set) see the same prompt and candidate ids.
 
 The expected chat text is written out here (ChatML, Llama 3 headers) or rendered by transformers
-(SmolLM2's own template), not by data/prompt_format.py's renderer."""
+(SmolLM2's own template), not by data/codec.py's renderer."""
 import pytest
 
 from llama_erc.data import IGNORE_INDEX, build_codec, encode_example, encode_prompt, encode_response, load_tokenizer

@@ -1,8 +1,8 @@
 import pytest
 
-from llama_erc.data import (IGNORE_INDEX, LABELS, DataError, PromptConfig, SentencePieceTokenizer, build_examples, encode_example,
-                  encode_prompt, encode_response, label_words, load_dialogues, load_prompt_response_jsonl, render_prompt,
-                  with_context)
+from llama_erc.data import (IGNORE_INDEX, LABELS, DataError, PromptConfig, SentencePieceTokenizer, build_examples,
+                             encode_example, encode_prompt, encode_response, label_words, load_dialogues,
+                             load_prompt_response_jsonl, render_prompt, with_context)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from llama_erc.data import (PromptConfig, build_examples, build_impact_examples, encode_example, encode_prompt,
-                  load_dialogues, render_prompt, with_context)
+                             load_dialogues, render_prompt, with_context)
 
 IMPACT_INSTRUCTION = ("### Instruction:\nPredict the emotion of the next speaker's utterance in this MELD "
                       "conversation. Answer with exactly one of: neutral, surprise, fear, sadness, joy, disgust, "

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from llama_erc.data import (DataError, Dialogue, PromptConfig, Utterance, build_examples, label_words, load_dialogues,
-                  mix_examples, render_prompt, with_context)
+                             mix_examples, render_prompt, with_context)
 
 MELD_INSTRUCTION = ("### Instruction:\nIdentify the emotion of the target utterance in this MELD conversation. "
                     "Answer with exactly one of: neutral, surprise, fear, sadness, joy, disgust, anger.")

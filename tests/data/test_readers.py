@@ -2,8 +2,8 @@ from collections import Counter
 
 import pytest
 
-from llama_erc.data import (EMORYNLP_LABELS, IEMOCAP_LABELS, MELD_LABELS, DataError, Dialogue, Utterance, dialogue_labels,
-                  load_dialogues, normalize_text)
+from llama_erc.data import (EMORYNLP_LABELS, IEMOCAP_LABELS, MELD_LABELS, DataError, Dialogue, Utterance,
+                             dialogue_labels, load_dialogues, normalize_text)
 
 
 def n_utterances(dialogues: list[Dialogue]) -> int:

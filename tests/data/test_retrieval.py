@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from llama_erc.data import (Dialogue, PromptConfig, Utterance, build_examples, encode_prompt, load_dialogues,
-                  nearest_train_utterances, render_prompt, with_context)
+                             nearest_train_utterances, render_prompt, with_context)
 from llama_erc.data.encode import as_codec
 
 MELD_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "meld"

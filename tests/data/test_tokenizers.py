@@ -282,5 +282,6 @@ def test_missing_optional_package(tmp_path, monkeypatch, module):
                "tokenizers": lambda: write_hf(tmp_path / "hf"), "gguf": lambda: write_gguf(tmp_path / "t.gguf")}
     path = writers[module]()
     monkeypatch.setitem(sys.modules, module, None)     # makes `import module` raise ImportError
-    with pytest.raises(DataError, match=rf"{path.name} needs the '{module}' package: pip install 'llama-lora-erc\[{module}\]'"):
+    with pytest.raises(DataError,
+                       match=rf"{path.name} needs the '{module}' package: pip install 'llama-lora-erc\[{module}\]'"):
         load_tokenizer(path)

@@ -13,7 +13,7 @@ from llama_erc.engine.optim import lr_at
 from llama_erc.engine.packing import pack
 
 from tests.engine.helpers import (ADAM_EPS, base_cfg, live_model, loss_and_grads, padded, synthetic_sequences,
-                                 tiny_setup)
+                                   tiny_setup)
 
 ALPHA = 0.3
 

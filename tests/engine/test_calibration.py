@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from llama_erc.engine.calibration import (CALIBRATION_FILE, OFFSET_GRID, fit_calibration, read_calibrations, weighted_f1,
-                                write_calibration)
+from llama_erc.engine.calibration import (CALIBRATION_FILE, OFFSET_GRID, fit_calibration, read_calibrations,
+                                           weighted_f1, write_calibration)
 
 LABELS = ("neutral", "joy", "anger")
 

@@ -9,8 +9,7 @@ from llama_erc.engine.loop import train_loop
 from llama_erc.engine.batching import segment_mask
 from llama_erc.engine.packing import first_fit_decreasing, pack, shared_prefix_length
 
-from tests.engine.helpers import (ADAM_EPS, base_cfg, live_model, loss_and_grads, synthetic_sequences,
-                                 tiny_setup)
+from tests.engine.helpers import (ADAM_EPS, base_cfg, live_model, loss_and_grads, synthetic_sequences, tiny_setup)
 
 
 def _sequences(n: int, seed: int = 0) -> list[Sequence]:

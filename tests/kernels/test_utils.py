@@ -4,7 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llama_erc.kernels._utils import MAX_ROW_BYTES, TILE_ELEMS, cast_rne, num_warps_for, row_launch_config, rows_per_tile
+from llama_erc.kernels._utils import (MAX_ROW_BYTES, TILE_ELEMS, cast_rne, num_warps_for, row_launch_config,
+                                       rows_per_tile)
 
 
 @pytest.mark.parametrize("n, block", [(1, 1), (41, 64), (128, 128), (4096, 4096), (5120, 8192), (16384, 16384)])

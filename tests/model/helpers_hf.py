@@ -2,7 +2,7 @@
 
 Forms: hf (HF safetensors, config.json as transformers 5 writes it: `rope_parameters`), hf_rope_scaling (the same
 weights, config.json hand-written in transformers 4's spelling: `rope_scaling` + top-level rope_theta; Llama 3
-specs only), meta_st (model.convert), meta_pth (Meta's consolidated.NN.pth + params.json with use_scaled_rope)
+specs only), meta_st (engine/convert.py), meta_pth (Meta's consolidated.NN.pth + params.json with use_scaled_rope)
 and gguf (llama.cpp's layout, tests/model/helpers_gguf.py; all F32 so it holds HF's exact weights).
 
 transformers is a test-only reference; test modules importorskip it before importing this file.
@@ -67,7 +67,7 @@ SPECS = [
 ]
 
 # Meta's model-parallel split axis (fairscale ParallelEmbedding / Column- / RowParallelLinear), written
-# here independently of model/formats.py so the loader's table is tested, not re-used.
+# here independently of model/forms.py so the loader's table is tested, not re-used.
 _SPLIT = {"tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1}
 
 
@@ -174,7 +174,7 @@ def gguf_rope_factors(spec: TinySpec):
 
 def build_forms(spec: TinySpec, root: Path, seed: int = 0) -> tuple[LlamaForCausalLM, dict[str, Path]]:
     """The HF model and its forms: hf (form 3, sharded), hf_rope_scaling (Llama 3 specs: form 3 with
-    transformers 4's config spelling), meta_st (form 1, via model.convert), meta_pth (form 2, two
+    transformers 4's config spelling), meta_st (form 1, via engine/convert.py), meta_pth (form 2, two
     model-parallel shards, Meta-style params.json with vocab_size -1) and gguf (form 4, all F32; when the gguf
     package is installed)."""
     model = make_hf_model(spec, seed)

@@ -1,7 +1,7 @@
 """Form 4, GGUF: tiny files written in llama.cpp's layout (tests/model/helpers_gguf.py) with F32, F16, BF16 and
 block-quantized tensors, against transformers' own GGUF loader on the same file (or, for Llama 3 scaling, which
 that loader ignores, transformers' weights from the file in an HF model with the scaling); the real SmolLM2 GGUF;
-refusals; and `python -m model.convert` of a GGUF (weights and tokenizer).
+refusals; and `python -m llama_erc.engine.convert` of a GGUF (weights and tokenizer).
 """
 import json
 from pathlib import Path
@@ -133,7 +133,7 @@ def test_gguf_unknown_tensor_is_named(tiny_hf, tmp_path):
         load_pretrained(path)
 
 
-# --- model.convert of a GGUF ---------------------------------------------------------------------------------
+# --- engine/convert.py of a GGUF ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("as_dir", [False, True], ids=["file", "dir"])
 def test_convert_gguf_tied_llama3(tmp_path, as_dir):

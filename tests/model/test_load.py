@@ -1,4 +1,4 @@
-"""WeightSource forms, model.convert round trips, and every bad input -> LoadError naming the file/key."""
+"""WeightSource forms, engine/convert.py round trips, and every bad input -> LoadError naming the file/key."""
 import dataclasses
 import json
 import shutil
@@ -122,7 +122,7 @@ def test_checkpoint_zero_copy_only_when_nothing_converts(forms):
     assert hf == {n for n in names if not n.endswith(("wq.weight", "wk.weight"))}  # un-permuted: owned
 
 
-# ---- model.convert ----------------------------------------------------------------------------------
+# ---- engine/convert.py ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("src", ["hf", "meta_pth"])

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from llama_erc.model.config import MODEL_PRESETS, ModelConfig
 from llama_erc.model.llama import Transformer
 from llama_erc.model.lora import (LoRAConfig, LoRALinear, apply_lora, load_adapters, lora_config_of, lora_state_dict,
-                        merge_lora, n_lora_params, reset_lora_parameters, save_adapters, unmerge_lora)
+                                  merge_lora, n_lora_params, reset_lora_parameters, save_adapters, unmerge_lora)
 from tests.tolerances import TOL, assert_close
 
 CFG = ModelConfig(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, hidden_dim=100, vocab_size=97, max_seq_len=64)

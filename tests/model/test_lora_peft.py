@@ -1,7 +1,7 @@
 """Parity with Hugging Face transformers + PEFT: same tiny base, same LoRA init -> same loss, LoRA grads and
 AdamW trajectory; export_peft loads in PeftModel.from_pretrained and gives our logits; import_peft reads PEFT.
 
-The HF <-> Meta conversion here is written out from model/hf_keys.py (not model/checkpoint.py), so these tests
+The HF <-> Meta conversion here is written out from model/hf_keys.py (not model/forms.py), so these tests
 depend only on the key table and the rotary row permutation.
 """
 import copy

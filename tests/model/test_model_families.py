@@ -1,5 +1,5 @@
 """Llama 3 rotary scaling and tied embeddings beyond loading: config refusals (the error names key and value),
-tied weights staying one tensor through model.convert, LoRA, merge and PEFT export/import, and the Triton
+tied weights staying one tensor through engine/convert.py, LoRA, merge and PEFT export/import, and the Triton
 kernels path on a Llama-3-scaled tied model.
 """
 import copy
@@ -80,7 +80,7 @@ ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
     """A tied, Llama-3.2-scaled HF model, its HF checkpoint (with tokenizer side files), form 1 of it (via
-    model.convert) and a batch of tokens."""
+    engine/convert.py) and a batch of tokens."""
     pytest.importorskip("transformers")
     from llama_erc.engine.convert import main as convert_main
     from tests.model.helpers_hf import LLAMA32_ROPE, TinySpec, make_hf_model, save_hf, tokens_for

@@ -2,7 +2,7 @@
 including Llama 3 rotary scaling, tied embeddings, and both at once.
 
 Each config is saved by HF as sharded safetensors (form 3; Llama 3 configs also with config.json in
-transformers 4's `rope_scaling` spelling); form 1 comes from `model.convert`, form 2 is written as two
+transformers 4's `rope_scaling` spelling); form 1 comes from `llama_erc.engine.convert`, form 2 is written as two
 model-parallel consolidated.NN.pth shards, form 4 as an F32 GGUF in llama.cpp's layout. All load through
 load_pretrained. Llama 3 configs run on 256 tokens (helpers_hf.LLAMA3_SEQ_LEN), where the scaling matters.
 """

@@ -25,7 +25,7 @@ from llama_erc.data.tokenizers.base import Tokenizer, require
 
 GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4   # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 
-# Llama 3's split (llama.cpp "llama-bpe"): see data/tokenizer_tiktoken.py.
+# Llama 3's split (llama.cpp "llama-bpe"): see data/tokenizers/tiktoken_llama3.py.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # tokenizer.ggml.pre -> (pre-tokenizer, BPE ignore_merges). "smollm" and its llama.cpp group (StarCoder's
