@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from llama_erc.data import MELD_LABELS, PromptConfig, build_examples, load_dialogues, train_tokenizer
+from llama_erc.demo.pretrained import DEMO_DATA
 from llama_erc.model import ModelConfig, Transformer
 from llama_erc.model.config import to_meta_params
-from llama_erc.demo.pretrained import DEMO_DATA
 
 
 
