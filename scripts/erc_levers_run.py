@@ -10,7 +10,8 @@ tenth of a MELD epoch), with no dev evaluation during training (the final adapte
 warm-up adds its own --warmup-stage-steps before that budget, counted in its train_tokens.
 
 Each (dataset, system) cell runs in <out>/<dataset>/<system>/: train.py, then one `eval.py --split test
---calibration dev`, which fits the label offsets on the whole dev split (stored beside the adapters, with the
+--calibration dev-insample` (what `--calibration dev` was when this study ran), which fits the label offsets on the
+whole dev split (stored beside the adapters, with the
 dev scores before and after) and scores the whole test split with and without them. So every system gives four
 rows: dev and test, as trained and "+ dev calibration" (its dev row is in-sample: the offsets were fit there).
 A finished stage is not rerun; delete the cell's directory to redo it. Nothing is chosen on test: `best` is the
@@ -93,8 +94,8 @@ def run_cell(dataset: str, system: str, a: argparse.Namespace, model: str, comma
     cmds["train"] = cmd
     if not done_training(lora, a.steps):
         run_logged(cmd, ROOT / cell / "train.log", env=env)
-    cmd = [sys.executable, "eval.py", "--run", str(lora), "--data", spec, "--split", "test", "--calibration", "dev",
-           "--batch_size", str(a.eval_batch), "--out_dir", str(cell / "eval_test")]
+    cmd = [sys.executable, "eval.py", "--run", str(lora), "--data", spec, "--split", "test", "--calibration",
+           "dev-insample", "--batch_size", str(a.eval_batch), "--out_dir", str(cell / "eval_test")]
     cmds["eval"] = cmd
     if not (ROOT / cell / "eval_test" / "report.json").is_file():
         run_logged(cmd, ROOT / cell / "eval.log")

@@ -19,6 +19,7 @@ from llama_erc.data.encode import (IGNORE_INDEX, encode_example, encode_prompt, 
 from llama_erc.data.iemocap import IEMOCAP_ALL_LABELS, IEMOCAP_DEV_EVERY, IEMOCAP_LABELS, read_iemocap
 from llama_erc.data.jsonl import read_jsonl_dialogues
 from llama_erc.data.knowledge import attach_knowledge, read_knowledge
+from llama_erc.data.leaks import LeakGuard, LeakReport, leak_key
 from llama_erc.data.meld import MELD_LABELS, read_meld_csv
 from llama_erc.data.prompts import (Example, PromptConfig, PromptParts, build_examples, build_impact_examples,
                                     build_speaker_examples, draw_demonstrations, label_words, render_prompt,
@@ -36,7 +37,7 @@ __all__ = [
     "EMORYNLP_LABELS", "read_emorynlp_csv", "read_emorynlp_json",
     "IGNORE_INDEX", "encode_example", "encode_prompt", "encode_response", "load_prompt_response_jsonl",
     "IEMOCAP_ALL_LABELS", "IEMOCAP_DEV_EVERY", "IEMOCAP_LABELS", "read_iemocap", "read_jsonl_dialogues",
-    "attach_knowledge", "read_knowledge", "MELD_LABELS", "read_meld_csv",
+    "attach_knowledge", "read_knowledge", "LeakGuard", "LeakReport", "leak_key", "MELD_LABELS", "read_meld_csv",
     "Example", "PromptConfig", "PromptParts", "build_examples", "build_impact_examples", "build_speaker_examples",
     "draw_demonstrations", "label_words", "render_prompt", "with_context", "nearest_train_utterances",
     "SPLITS", "DataError", "Dialogue", "Utterance", "dialogue_labels", "normalize_text",

@@ -25,9 +25,10 @@ from llama_erc.data.codec import PROMPT_FORMATS, PromptCodec
 from llama_erc.data.corpora import DATA_KINDS, ERC_KINDS, PROMPTS_KIND, corpus, load_dialogues
 from llama_erc.data.encode import IGNORE_INDEX, encode_example, load_prompt_response_jsonl
 from llama_erc.data.knowledge import attach_knowledge
+from llama_erc.data.leaks import LeakGuard
 from llama_erc.data.prompts import (RETRIEVAL, Example, PromptConfig, build_examples, build_impact_examples,
                                     build_speaker_examples)
-from llama_erc.data.schema import dialogue_labels
+from llama_erc.data.schema import Dialogue, dialogue_labels
 
 TASKS = ("erc", "speaker")  # speaker: InstructERC's speaker-identification warm-up stage (prompts.py)
 
@@ -47,6 +48,7 @@ class DataConfig:
     retrieval: str = "none"  # none | tfidf: show the most similar train utterance of another dialogue, with its label
     aux_impact: float = 0.0  # weight alpha of the emotion-impact auxiliary task (next speaker's emotion); 0 = off
     # (its label tokens weigh alpha, ERC's 1; a step's loss is the weighted mean sum w*CE / sum w, engine/loop.py)
+    allow_overlap: bool = False  # keep train dialogues sharing an utterance with another corpus' dev/test (leaks.py)
 
     def __post_init__(self) -> None:
         check_choice("prompt_format", self.prompt_format, PROMPT_FORMATS)
@@ -66,6 +68,10 @@ class DataConfig:
         check_context_turns(self.context_turns)
         check_specs(self.train_data + self.dev_data, DATA_KINDS)
         check_knowledge(self.knowledge, self.train_data + self.dev_data)
+
+    def leak_guard(self, *eval_specs: str) -> LeakGuard:
+        """The run's leak guard (data/leaks.py): every spec it reads, with eval.py's when it scores others."""
+        return LeakGuard([*self.train_data, *self.dev_data, *eval_specs], allow=self.allow_overlap)
 
     def prompt_config(self, n_shots: int = 0, shot_seed: int = 0) -> PromptConfig:
         """How this run's ERC prompts are built (with n_shots demonstrations drawn by shot_seed, for eval.py)."""
@@ -124,8 +130,10 @@ def _knowledge_for(knowledge: tuple[str, ...], dataset: str) -> list[str]:
     return [parse_spec(k)[1] for k in knowledge if parse_spec(k)[0] == dataset]
 
 
-def load_example_set(spec: str, split: str, prompt_cfg: PromptConfig,
-                     knowledge: tuple[str, ...] = ()) -> ExampleSet:
+def load_example_set(spec: str, split: str, prompt_cfg: PromptConfig, knowledge: tuple[str, ...] = (),
+                     guard: LeakGuard | None = None) -> ExampleSet:
+    """One split of a spec as examples. With a leak guard, the train split (as examples, or as the pool of
+    few-shot and retrieved demonstrations) comes without the dialogues the guard drops."""
     kind, path = parse_spec(spec)
     if kind == PROMPTS_KIND and split != "train":
         raise ValueError(f"{spec}: prompt/response data has no label set to evaluate; use an ERC kind for dev/test")
@@ -136,13 +144,13 @@ def load_example_set(spec: str, split: str, prompt_cfg: PromptConfig,
         examples = load_prompt_response_jsonl(path)
         return ExampleSet(PROMPTS_KIND, examples, tuple(sorted({e.label for e in examples})))
     fixed_labels = corpus(kind).labels  # None: the label set is the train split's emotions
-    dialogues = load_dialogues(kind, path, split)
+    dialogues = _train_dialogues(spec, guard) if split == "train" else load_dialogues(kind, path, split)
     for sidecar in _knowledge_for(knowledge, kind):
         dialogues = attach_knowledge(dialogues, sidecar, kind, split,
                                      allow_missing_utterances=corpus(kind).drops_turns)
-    needs_train = fixed_labels is None or prompt_cfg.n_shots or prompt_cfg.retrieval != "none"
-    train = load_dialogues(kind, path, "train") if needs_train else None
-    labels = fixed_labels if fixed_labels is not None else dialogue_labels(train)
+    needs_train = prompt_cfg.n_shots or prompt_cfg.retrieval != "none"
+    train = _train_dialogues(spec, guard) if needs_train else None
+    labels = fixed_labels if fixed_labels is not None else corpus_labels(spec)
     # few-shot demonstrations are always drawn from the train split, with PromptConfig's seed; retrieved ones
     # always come from the train split too (whatever `split` is), never reading this split's labels
     examples = build_examples(dialogues, kind, prompt_cfg, labels=labels, demo_pool=train,
@@ -152,9 +160,21 @@ def load_example_set(spec: str, split: str, prompt_cfg: PromptConfig,
     return ExampleSet(kind, examples, tuple(labels))
 
 
-def dev_sets(cfg: DataConfig) -> list[ExampleSet]:
+def dev_sets(cfg: DataConfig, guard: LeakGuard | None = None) -> list[ExampleSet]:
     """The dev split of every --dev_data spec, prompted as the run trains."""
-    return [load_example_set(spec, "dev", cfg.prompt_config(), cfg.knowledge) for spec in cfg.dev_data]
+    return [load_example_set(spec, "dev", cfg.prompt_config(), cfg.knowledge, guard) for spec in cfg.dev_data]
+
+
+def corpus_labels(spec: str) -> tuple[str, ...]:
+    """A spec's label set: the registry's, else (generic JSONL) the emotions of its whole train split, so that
+    the leak guard dropping dialogues never changes which labels a corpus has."""
+    kind, path = parse_spec(spec)
+    return corpus(kind).labels or dialogue_labels(load_dialogues(kind, path, "train"))
+
+
+def _train_dialogues(spec: str, guard: LeakGuard | None) -> list[Dialogue]:
+    """The one way this module reads a train split: through the leak guard when there is one."""
+    return guard.train_dialogues(spec) if guard is not None else load_dialogues(*parse_spec(spec), "train")
 
 
 # ---------------------------------------------------------------- training sequences
@@ -191,24 +211,24 @@ def encode_sequences(codec: PromptCodec, examples: list[Example], max_len: int,
     return seqs
 
 
-def speaker_examples(spec: str) -> list[Example]:
+def speaker_examples(spec: str, guard: LeakGuard | None = None) -> list[Example]:
     """The speaker-identification warm-up examples of an ERC spec's train dialogues (data/prompts.py)."""
-    kind, path = parse_spec(spec)
+    kind = parse_spec(spec)[0]
     if kind == PROMPTS_KIND:
         raise ValueError(f"{spec}: --task speaker needs dialogues with speakers; prompt/response data has none")
-    return build_speaker_examples(load_dialogues(kind, path, "train"), kind)
+    return build_speaker_examples(_train_dialogues(spec, guard), kind)
 
 
-def impact_sequences(spec: str, codec: PromptCodec, cfg: DataConfig) -> list[Sequence]:
+def impact_sequences(spec: str, codec: PromptCodec, cfg: DataConfig, guard: LeakGuard | None = None) -> list[Sequence]:
     """InstructERC's emotion-impact examples of an ERC spec's train dialogues (data/prompts.py), showing the same
     previous turns as the ERC prompts, truncated the same way, each with loss weight cfg.aux_impact."""
-    kind, path = parse_spec(spec)
+    kind = parse_spec(spec)[0]
     pcfg = cfg.prompt_config()
     if pcfg.context_turns == 0:
         raise ValueError("--aux_impact predicts the next utterance's emotion from the previous turns, and "
                          "--context_turns 0 shows none")
-    dialogues = load_dialogues(kind, path, "train")
-    labels = dialogue_labels(dialogues) if corpus(kind).labels is None else None  # as load_example_set's
+    dialogues = _train_dialogues(spec, guard)
+    labels = corpus_labels(spec) if corpus(kind).labels is None else None  # as load_example_set's
     return encode_sequences(codec, build_impact_examples(dialogues, kind, pcfg, labels=labels), cfg.max_len,
                             cfg.aux_impact)
 
@@ -234,24 +254,27 @@ def fingerprint(seqs: list[Sequence]) -> dict:
     return {"examples": len(seqs), "sha256": h.hexdigest()}
 
 
-def training_data(cfg: DataConfig, codec: PromptCodec, seed: int) -> tuple[list[Sequence], dict[str, dict]]:
+def training_data(cfg: DataConfig, codec: PromptCodec, seed: int,
+                  guard: LeakGuard | None = None) -> tuple[list[Sequence], dict[str, dict]]:
     """Every training example of cfg.train_data tokenized (prompt truncated oldest-context-first) and mixed
     across datasets with `seed`; and {dataset: fingerprint of its sequences}, which a resume compares (a dataset
     is named by its kind, or by its whole spec where two specs share a kind).
 
     task "speaker": InstructERC's speaker-identification prompts instead of ERC ones; retrieval "tfidf": each
     ERC prompt shows its retrieved demonstration; aux_impact > 0: the emotion-impact examples are added, with
-    loss weight aux_impact."""
+    loss weight aux_impact. `guard` (default: cfg.leak_guard()) keeps dialogues that leak into another corpus'
+    dev or test split out (data/leaks.py)."""
     if not cfg.train_data:
         raise ValueError(f"no training data: pass --train_data KIND=PATH (kinds: {', '.join(DATA_KINDS)})")
+    guard = guard if guard is not None else cfg.leak_guard()
     kinds = [parse_spec(s)[0] for s in cfg.train_data]
     per_set, fingerprints = [], {}
     for spec, kind in zip(cfg.train_data, kinds):
-        examples = (speaker_examples(spec) if cfg.task == "speaker"
-                    else load_example_set(spec, "train", cfg.prompt_config(), cfg.knowledge).examples)
+        examples = (speaker_examples(spec, guard) if cfg.task == "speaker"
+                    else load_example_set(spec, "train", cfg.prompt_config(), cfg.knowledge, guard).examples)
         seqs = encode_sequences(codec, examples, cfg.max_len)
         if cfg.aux_impact > 0 and kind != PROMPTS_KIND:  # the emotion-impact examples join their own dataset's set
-            seqs += impact_sequences(spec, codec, cfg)
+            seqs += impact_sequences(spec, codec, cfg, guard)
         per_set.append(seqs)
         fingerprints[kind if kinds.count(kind) == 1 else spec] = fingerprint(seqs)
     return mix_examples(per_set, seed), fingerprints

@@ -14,8 +14,9 @@ The run record is every checkpoint's and best/'s config.json, the one descriptio
 (engine/resume.py), eval.py and a later stage (--init_adapters) read:
     {"train": the TrainConfig fields (dtype as resolved), "model": the ModelConfig fields,
      "batch": the make-up of the global batch, "data": {dataset: data.fingerprint},
-     "runtime": {"dtype_requested", "dtype_reason"}}           (best/ adds "step" and "metrics")
-Records written before "batch", "data" or "runtime" existed are read as far as they go.
+     "runtime": {"dtype", "dtype_reason"}, "leak": the leak guard's report (data/leaks.py)}
+    (best/ adds "step" and "metrics"). Records written before "batch", "data", "runtime" or "leak" existed are
+    read as far as they go.
 """
 from __future__ import annotations
 
@@ -56,11 +57,12 @@ class LoadedCheckpoint:
     state: dict  # step, best metric, rng, ...
 
 
-def run_record(cfg: TrainConfig, model_config, rt: Runtime, data_fingerprints: dict) -> dict:
+def run_record(cfg: TrainConfig, model_config, rt: Runtime, data_fingerprints: dict, leak: dict | None = None) -> dict:
     """The run record a run's checkpoints hold (module docstring)."""
-    return {"train": asdict(cfg), "model": asdict(model_config),
-            "batch": batch_record(cfg.micro_batch, cfg.grad_accum, rt.world_size), "data": data_fingerprints,
-            "runtime": {"dtype": rt.dtype_name, "dtype_reason": rt.dtype_reason}}
+    record = {"train": asdict(cfg), "model": asdict(model_config),
+              "batch": batch_record(cfg.micro_batch, cfg.grad_accum, rt.world_size), "data": data_fingerprints,
+              "runtime": {"dtype": rt.dtype_name, "dtype_reason": rt.dtype_reason}}
+    return record if leak is None else {**record, "leak": leak}
 
 
 def read_run_record(config_file: Path) -> dict:

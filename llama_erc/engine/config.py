@@ -138,7 +138,9 @@ class EvalConfig:
     max_examples: int = 0  # 0: the whole split
     dtype: str = "auto"  # auto (engine/runtime.py; never bf16 for a run trained in fp32) | bf16 | fp32
     device: str = "auto"
-    calibration: str = "none"  # dev: add the per-label log-prior offsets fit on the dev split (engine/calibration.py)
+    calibration: str = "none"  # dev | dev-insample: per-label offsets fit on the dev split (engine/calibration.py)
+    calibration_metric: str = "weighted_f1"  # weighted_f1 | macro_f1: what --calibration dev's strength is chosen for
+    allow_overlap: bool = False  # score a split the run's training dialogues share utterances with (data/leaks.py)
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, ("train", "dev", "test"))
@@ -147,9 +149,10 @@ class EvalConfig:
         check_choice("kernels", self.kernels, ("", "auto", "on", "off"))
         check_choice("prompt_format", self.prompt_format, ("", "alpaca", "chat"))
         check_choice("retrieval", self.retrieval, ("", "none", "tfidf"))
-        check_choice("calibration", self.calibration, ("none", "dev"))
-        if self.calibration == "dev" and not self.run:
-            raise ValueError("--calibration dev applies a fine-tuned run's offsets: add --run")
+        check_choice("calibration", self.calibration, ("none", "dev", "dev-insample"))
+        check_choice("calibration_metric", self.calibration_metric, ("weighted_f1", "macro_f1"))
+        if self.calibration != "none" and not self.run:
+            raise ValueError(f"--calibration {self.calibration} applies a fine-tuned run's offsets: add --run")
         if not self.data:
             raise ValueError("--data KIND=PATH is required")
         check_specs(self.data, ERC_KINDS)

@@ -13,39 +13,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama_erc.data import load_example_set, parse_spec
+from llama_erc.data import LeakGuard, load_example_set, parse_spec
 from llama_erc.engine.build import build_lora_model, load_codec
-from llama_erc.engine.calibration import (CALIBRATION_FILE, Calibration, fit_calibration, read_calibrations,
-                                          write_calibration)
+from llama_erc.engine.calibration import (CALIBRATION_FILE, Calibration, PriorShift, fit_calibration,
+                                          fit_prior_shift, read_calibrations, write_calibration)
 from llama_erc.engine.checkpoint import find_adapters, load_trainable, read_run_record, train_config_of
-from llama_erc.engine.config import EvalConfig, parse_config, resolve_run_config
+from llama_erc.engine.config import EvalConfig, TrainConfig, parse_config, resolve_run_config
 from llama_erc.engine.evaluate import predict_set, subset, write_eval_outputs
 from llama_erc.engine.metrics import classification_report
 from llama_erc.engine.runtime import setup_runtime, teardown_runtime
 
 
 def _dev_calibration(model, codec, spec: str, labels: tuple[str, ...], pcfg, knowledge: tuple[str, ...],
-                     adapters_dir: Path, *, max_len: int, batch_size: int) -> Calibration:
-    """The run's offsets for spec's dataset (whose labels are `labels`): read from calibration.json beside the
-    adapters, else fit now on the whole dev split (never another split) and stored there for the next
-    evaluation. The dev split is only loaded when a fit is needed."""
+                     guard: LeakGuard, adapters_dir: Path, method: str, *, max_len: int,
+                     batch_size: int) -> Calibration | PriorShift:
+    """The run's calibration of spec's dataset (whose labels are `labels`) by `method` (prior-shift or
+    dev-insample): read from calibration.json beside the adapters, else fit now on the whole dev split (never
+    another split) and stored there for the next evaluation. The dev split is only loaded when a fit is needed."""
     kind = parse_spec(spec)[0]
     stored = read_calibrations(adapters_dir).get(kind)
-    if stored is not None:
+    if stored is not None and stored.method == method:
         if stored.labels != labels:
             raise ValueError(f"{adapters_dir / CALIBRATION_FILE}: {kind} offsets are for labels "
                              f"{stored.labels}, the data has {labels}")
-        print(f"calibration: {kind} offsets from {adapters_dir / CALIBRATION_FILE}", flush=True)
+        print(f"calibration: {kind} offsets from {adapters_dir / CALIBRATION_FILE} ({method})", flush=True)
         return stored
-    dev = load_example_set(spec, "dev", pcfg, knowledge)
-    print(f"calibration: fitting {kind} label offsets on the dev split ({len(dev.examples)} utterances)", flush=True)
+    dev = load_example_set(spec, "dev", pcfg, knowledge, guard)
+    print(f"calibration: fitting {kind} label offsets on the dev split ({len(dev.examples)} utterances, {method})",
+          flush=True)
     _, probs = predict_set(model, codec, dev, max_len=max_len, batch_size=batch_size, progress=True)
+    log_probs = torch.log(probs).numpy()
     gold = np.array([dev.labels.index(ex.label) for ex in dev.examples])
-    cal = fit_calibration(torch.log(probs).numpy(), gold, dev.labels, dev.dataset)
+    if method == "prior-shift":
+        train_labels = [u.emotion for d in guard.train_dialogues(spec) for u in d.utterances]
+        counts = np.array([train_labels.count(label) for label in dev.labels])
+        cal = fit_prior_shift(log_probs, gold, [ex.dialogue_id for ex in dev.examples], counts, dev.labels,
+                              dev.dataset, data=f"the dev split of {spec} ({len(dev.examples)} utterances)")
+    else:
+        cal = fit_calibration(log_probs, gold, dev.labels, dev.dataset)
     file = write_calibration(adapters_dir, cal)
-    print(f"calibration: dev weighted F1 {100 * cal.dev_before['weighted_f1']:.2f} -> "
-          f"{100 * cal.dev_after['weighted_f1']:.2f} (in-sample), offsets {dict(zip(cal.labels, cal.offsets))}; "
-          f"wrote {file}", flush=True)
+    print(f"calibration: {cal.summary()}; wrote {file}", flush=True)
     return cal
 
 
@@ -55,8 +62,36 @@ def subset_gold_report(eset, preds: list[str], max_examples: int) -> dict:
     return classification_report(gold, preds, list(eset.labels))
 
 
+def _leak_check(cfg: EvalConfig, run: TrainConfig | None, record: dict) -> tuple[LeakGuard, dict[str, dict]]:
+    """The leak guard of this evaluation (its retrieval pools leave out what it drops), and for each scored spec
+    what the run's training dialogues, less those its own guard dropped, share with it from another corpus
+    (data/leaks.py). A share refuses the evaluation unless --allow_overlap, which every report then states."""
+    train_specs = list(run.train_data) if run else []
+    unchecked = [s for s in train_specs if not Path(parse_spec(s)[1]).exists()]
+    for spec in unchecked:
+        print(f"leak guard: cannot check the run's training data {spec} (not found here)", flush=True)
+    train_specs = [s for s in train_specs if s not in unchecked]
+    guard = LeakGuard([*train_specs, *cfg.data], allow=cfg.allow_overlap)
+    dropped = (record.get("leak") or {}).get("dropped", {})
+    leaks = {}
+    for spec in cfg.data:
+        found = guard.trained_overlap(train_specs, dropped, spec, cfg.split)
+        found.update(allowed=cfg.allow_overlap, run_allowed_overlap=bool(run and run.allow_overlap),
+                     unchecked=unchecked)
+        if found["utterances"]:
+            what = (f"the run's training data shares {found['utterances']} utterances ({found['dialogues']} train "
+                    f"dialogues: " + ", ".join(f"{s}: {v['dialogues']}" for s, v in found["by_train_spec"].items())
+                    + f") with {found['scored']}")
+            if not cfg.allow_overlap:
+                raise ValueError(f"--run {cfg.run}: {what}; its scores there would not be clean. Score another "
+                                 "split, retrain with the leak guard on, or pass --allow_overlap (the report says so)")
+            print(f"leak guard: --allow_overlap: {what}", flush=True)
+        leaks[spec] = found
+    return guard, leaks
+
+
 def run_eval(cfg: EvalConfig) -> list[dict]:
-    run, adapters, run_dtype = None, None, None
+    run, adapters, run_dtype, record = None, None, None, {}
     if cfg.run:
         adapters, config_file = find_adapters(Path(cfg.run))
         record = read_run_record(config_file)
@@ -68,7 +103,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
             print(f"dtype: {rt.dtype_reason}", flush=True)
         codec = load_codec(rc.model, rc.tokenizer, rc.prompt_format)
         pcfg = rc.prompt_config(cfg.n_shots, cfg.shot_seed)  # the run's prompts (retrieval included), eval's shots
-        sets = [load_example_set(s, cfg.split, pcfg, rc.knowledge) for s in cfg.data]
+        guard, leaks = _leak_check(cfg, run, record)
+        sets = [load_example_set(s, cfg.split, pcfg, rc.knowledge, guard) for s in cfg.data]
         model, _ = build_lora_model(rc.model, rt, rc.lora if adapters is not None else None,
                                     vocab_size=codec.vocab_size, seed=rc.seed)
         if adapters is not None:
@@ -84,18 +120,24 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
                   f"utterances, adapters: {adapters or 'none (base model)'}", flush=True)
             preds, probs = predict_set(model, codec, eset, max_len=rc.max_len, batch_size=cfg.batch_size,
                                        max_examples=cfg.max_examples, progress=True)
-            extra = {}
-            if cfg.calibration == "dev":
+            extra = {"leak": leaks[spec]}
+            if cfg.calibration != "none":
                 # the offsets come from the dev split only; on dev itself the report is in-sample (said in it)
-                cal = _dev_calibration(model, codec, spec, eset.labels, pcfg, rc.knowledge, adapters.parent,
-                                       max_len=rc.max_len, batch_size=cfg.batch_size)
+                method = "prior-shift" if cfg.calibration == "dev" else "dev-insample"
+                cal = _dev_calibration(model, codec, spec, eset.labels, pcfg, rc.knowledge, guard, adapters.parent,
+                                       method, max_len=rc.max_len, batch_size=cfg.batch_size)
                 raw = subset_gold_report(eset, preds, cfg.max_examples)
-                preds = [eset.labels[i] for i in cal.predict(torch.log(probs).numpy())]
-                extra = {"calibration": {**asdict(cal), "in_sample": cfg.split == "dev"},
-                         "uncalibrated": {k: raw[k] for k in ("accuracy", "weighted_f1", "macro_f1")}}
-            rep = write_eval_outputs(out, eset, preds, probs, title=f"{kind} {cfg.split}" + (
-                                     " (dev-calibrated label priors)" if extra else ""),
-                                     max_examples=cfg.max_examples, extra=extra)
+                preds = [eset.labels[i] for i in cal.predict(torch.log(probs).numpy(), cfg.calibration_metric)]
+                extra.update(calibration={**asdict(cal), "metric": cfg.calibration_metric,
+                                          "applied_offsets": list(cal.offsets_for(cfg.calibration_metric)),
+                                          "in_sample": cfg.split == "dev"},
+                             uncalibrated={k: raw[k] for k in ("accuracy", "weighted_f1", "macro_f1")})
+            title = f"{kind} {cfg.split}"
+            if "calibration" in extra:
+                title += f" (dev-calibrated label priors, {cfg.calibration})"
+            if leaks[spec]["utterances"]:
+                title += " (overlapping train data allowed)"
+            rep = write_eval_outputs(out, eset, preds, probs, title=title, max_examples=cfg.max_examples, extra=extra)
             print((out / "report.txt").read_text(), flush=True)
             print(f"wrote {out}/predictions.csv, report.json, report.txt, confusion.png", flush=True)
             reports.append(rep)

@@ -67,17 +67,19 @@ def _reseed(seed: int, step: int, rank: int) -> None:
 
 
 def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, train_seqs: list[Sequence],
-               pad_id: int, evaluator: Evaluator | None = None, data_fingerprints: dict | None = None) -> dict:
+               pad_id: int, evaluator: Evaluator | None = None, data_fingerprints: dict | None = None,
+               leak: dict | None = None) -> dict:
     """Train the adapters of `model` on `train_seqs`; returns the final state (step, best metric, ...).
 
     data_fingerprints: {dataset: data.fingerprint(its examples)}, recorded in checkpoints so that a resume on
-    changed data is refused; default: one entry, "train", for `train_seqs` as a whole.
+    changed data is refused; default: one entry, "train", for `train_seqs` as a whole. leak: the leak guard's
+    report (data.LeakReport.to_json), recorded beside them.
     """
     out = Path(cfg.out_dir)
     log = MetricsLog(out / "metrics.jsonl", enabled=rt.is_main)
     plan = BatchPlan(len(train_seqs), cfg.micro_batch, cfg.grad_accum, rt.world_size, cfg.seed)
     total_steps = cfg.max_steps or cfg.epochs * plan.steps_per_epoch
-    record = run_record(cfg, model_config, rt, data_fingerprints or {"train": fingerprint(train_seqs)})
+    record = run_record(cfg, model_config, rt, data_fingerprints or {"train": fingerprint(train_seqs)}, leak)
     params = trainable_parameters(model)
     opt = make_optimizer(params, cfg.optim)
 

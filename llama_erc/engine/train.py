@@ -32,8 +32,12 @@ def train(cfg: TrainConfig) -> dict:
         seed_everything(cfg.seed)
         init_file = init_adapters_file(cfg.init_adapters, asdict(cfg)) if cfg.init_adapters else None
         codec = load_codec(cfg.model, cfg.tokenizer, cfg.prompt_format)
-        train_seqs, fingerprints = training_data(cfg.data, codec, cfg.seed)
-        dev = dev_sets(cfg.data)
+        guard = cfg.data.leak_guard()  # before any example is built: dropped dialogues reach no batch, no pool
+        if rt.is_main:
+            for line in guard.report.lines():
+                print(line, flush=True)
+        train_seqs, fingerprints = training_data(cfg.data, codec, cfg.seed, guard)
+        dev = dev_sets(cfg.data, guard)
         if rt.is_main:
             out = Path(cfg.out_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +58,7 @@ def train(cfg: TrainConfig) -> dict:
                                  max_examples=cfg.eval_max_examples)
 
         return train_loop(cfg, rt, model, mcfg, train_seqs, codec.pad_id, evaluator if dev else None,
-                          data_fingerprints=fingerprints)
+                          data_fingerprints=fingerprints, leak=guard.report.to_json())
     finally:
         teardown_runtime()
 

@@ -1,4 +1,5 @@
-"""Dev-calibrated label priors (engine/calibration.py): the fast weighted F1, the coordinate-ascent fit, storage."""
+"""Dev-calibrated label priors (engine/calibration.py): the fast F1 twins, the in-sample search (dev-insample), the
+out-of-sample prior-shift fit (cross-fitted by dialogue, dev reweighted to train's label mix), storage, eval.py."""
 from __future__ import annotations
 
 import json
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from llama_erc.engine.calibration import (CALIBRATION_FILE, OFFSET_GRID, fit_calibration, read_calibrations,
-                                           weighted_f1, write_calibration)
+from llama_erc.engine import calibration
+from llama_erc.engine.calibration import (CALIBRATION_FILE, OFFSET_GRID, dialogue_folds, f1_scores, fit_calibration,
+                                          fit_prior_shift, read_calibrations, weighted_f1, write_calibration)
 
 LABELS = ("neutral", "joy", "anger")
 
@@ -95,8 +97,8 @@ def test_bad_inputs_are_named(tmp_path):
 
 
 def test_eval_calibration_dev_end_to_end(tmp_path, demo_tokenizer, capsys):
-    """eval.py --calibration dev: fits on dev once, stores beside the adapters, applies argmax(log p + b) to the
-    evaluated split, reports both; a second evaluation reads the stored offsets and gives the same report."""
+    """eval.py --calibration dev-insample: fits on dev once, stores beside the adapters, applies argmax(log p + b)
+    to the evaluated split, reports both; a second evaluation reads the stored offsets and gives the same report."""
     import csv
 
     import eval as eval_script
@@ -110,7 +112,7 @@ def test_eval_calibration_dev_end_to_end(tmp_path, demo_tokenizer, capsys):
                               "--micro_batch", "4", "--grad_accum", "1", "--max_steps", "2",
                               "--save_every", "2"]) == 0
     common = ["--run", str(run), "--data", meld, "--split", "test", "--dtype", "fp32", "--device", "cpu",
-              "--kernels", "off", "--calibration", "dev"]
+              "--kernels", "off", "--calibration", "dev-insample"]
     assert eval_script.main(common + ["--out_dir", str(tmp_path / "e1")]) == 0
     assert "fitting meld label offsets on the dev split" in capsys.readouterr().out
     adapters_dir = run / "checkpoints" / "step_0000002"
@@ -134,3 +136,113 @@ def test_eval_calibration_dev_end_to_end(tmp_path, demo_tokenizer, capsys):
 def test_eval_calibration_needs_a_run():
     import eval as eval_script
     assert eval_script.main(["--model", "tiny", "--data", "meld=x", "--calibration", "dev"]) == 2
+
+
+# ---- prior-shift: fit out of sample ----------------------------------------------------------------------------
+
+def test_f1_scores_match_sklearn_with_sample_weights():
+    rng = np.random.default_rng(1)
+    for n_classes in (2, 3, 7):
+        for _ in range(20):
+            gold = rng.integers(0, n_classes, 60)
+            pred = rng.integers(0, n_classes - 1, 60)
+            w = rng.uniform(0.1, 3.0, 60)
+            got = f1_scores(gold, pred, n_classes, w)
+            for avg in ("weighted", "macro"):
+                want = f1_score(gold, pred, labels=list(range(n_classes)), average=avg, sample_weight=w,
+                                zero_division=0)
+                assert got[f"{avg}_f1"] == pytest.approx(want, abs=1e-12), avg
+
+
+def test_dialogue_folds_keep_dialogues_whole():
+    ids = ["a", "a", "b", "c", "c", "c", "d", "e", "f", "b"]
+    fold = dialogue_folds(ids, 3)
+    assert all(len({f for i, f in zip(ids, fold) if i == d}) == 1 for d in set(ids))
+    assert fold.tolist() == [0, 0, 1, 2, 2, 2, 0, 1, 2, 1]  # dialogues dealt round-robin in order of appearance
+    with pytest.raises(ValueError, match="at least 2 dev dialogues"):
+        dialogue_folds(["a", "a"], 5)
+
+
+def _shifted(n: int = 900, seed: int = 0):
+    """A classifier calibrated to a uniform prior, scored on a uniform dev split; train has label 0 at 70%."""
+    rng = np.random.default_rng(seed)
+    gold = rng.integers(0, 3, n)
+    logits = rng.normal(0, 1, (n, 3))
+    logits[np.arange(n), gold] += 1.0
+    lp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return lp, gold, [f"d{i // 6}" for i in range(n)]
+
+
+def test_prior_shift_moves_the_bias_toward_the_train_prior():
+    lp, gold, ids = _shifted()
+    cal = fit_prior_shift(lp, gold, ids, np.array([700, 150, 150]), LABELS, "toy", data="synthetic dev")
+    assert cal.bias[0] - max(cal.bias[1:]) > 1.0  # log(700/150) = 1.54 is the prior shift
+    assert cal.strength["weighted_f1"] > 0 and 0.8 < cal.temperature < 1.3
+    assert cal.fit["data"] == "synthetic dev" and cal.fit["folds"] == 5 and cal.fit["fold_by"] == "dialogue"
+    oof = cal.fit["out_of_fold"]["weighted_f1"]
+    assert oof[str(cal.strength["weighted_f1"])] == max(oof.values()) > oof["0.0"]
+    np.testing.assert_allclose(cal.offsets_for("weighted_f1"),
+                               cal.strength["weighted_f1"] * cal.temperature * np.array(cal.bias))
+    # no shift between train and dev: nothing to move, and the conservative strength 0 wins its ties
+    same = fit_prior_shift(lp, gold, ids, np.array([300, 300, 300]), LABELS, "toy", data="synthetic dev")
+    assert max(abs(b) for b in same.bias) < 0.2 and same.strength == {"weighted_f1": 0.0, "macro_f1": 0.0}
+
+
+def test_prior_shift_cross_fits_no_utterance_on_itself(monkeypatch):
+    """Each fold's offsets come from a fit on the other folds only; the final fit sees all of dev."""
+    lp, gold, ids = _shifted(n=120)
+    lp = lp.copy()
+    lp[:, 2] = -np.arange(len(lp)) / 1e3 - 2.0  # a unique value per row, to tell rows apart in the fits
+    seen = []
+    real = calibration._fit_temperature_bias
+    monkeypatch.setattr(calibration, "_fit_temperature_bias",
+                        lambda x, g, w: seen.append(x[:, 2].copy()) or real(x, g, w))
+    fit_prior_shift(lp, gold, ids, np.array([50, 30, 40]), LABELS, "toy", data="synthetic dev", folds=4)
+    fold = dialogue_folds(ids, 4)
+    assert len(seen) == 5
+    for k in range(4):
+        assert set(seen[k]) == set(lp[fold != k, 2]) and not set(seen[k]) & set(lp[fold == k, 2])
+    assert set(seen[4]) == set(lp[:, 2])
+
+
+def test_storage_keeps_the_method_and_reads_old_files(tmp_path):
+    lp, gold, ids = _shifted()
+    shift = fit_prior_shift(lp, gold, ids, np.array([700, 150, 150]), LABELS, "meld", data="synthetic dev")
+    insample = fit_calibration(lp, gold, LABELS, "emorynlp")
+    write_calibration(tmp_path, shift)
+    write_calibration(tmp_path, insample)
+    got = read_calibrations(tmp_path)
+    assert got == {"meld": shift, "emorynlp": insample}
+    assert got["meld"].method == "prior-shift" and got["emorynlp"].method == "dev-insample"
+    # a file written before methods existed holds in-sample offsets
+    old = {k: v for k, v in json.loads((tmp_path / CALIBRATION_FILE).read_text())["emorynlp"].items() if k != "method"}
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps({"emorynlp": old}))
+    assert read_calibrations(tmp_path)["emorynlp"] == insample
+
+
+def test_eval_calibration_prior_shift_end_to_end(tmp_path, demo_tokenizer, capsys):
+    """eval.py --calibration dev: the prior-shift fit on the dev split, stored with how it was fit; test scored
+    with the strength chosen for --calibration_metric; a stored fit of the other method is replaced."""
+    import eval as eval_script
+    import train as train_script
+    from llama_erc.demo import DEMO_DATA
+
+    meld = f"meld={DEMO_DATA}"
+    run = tmp_path / "run"
+    assert train_script.main(["--model", "tiny", "--tokenizer", demo_tokenizer, "--train_data", meld,
+                              "--out_dir", str(run), "--dtype", "fp32", "--device", "cpu", "--kernels", "off",
+                              "--micro_batch", "4", "--grad_accum", "1", "--max_steps", "2",
+                              "--save_every", "2"]) == 0
+    common = ["--run", str(run), "--data", meld, "--split", "test", "--dtype", "fp32", "--device", "cpu",
+              "--kernels", "off"]
+    assert eval_script.main(common + ["--calibration", "dev-insample", "--out_dir", str(tmp_path / "e0")]) == 0
+    assert eval_script.main(common + ["--calibration", "dev", "--calibration_metric", "macro_f1",
+                                      "--out_dir", str(tmp_path / "e1")]) == 0
+    assert "fitting meld label offsets on the dev split (113 utterances, prior-shift)" in capsys.readouterr().out
+    cal = read_calibrations(run / "checkpoints" / "step_0000002")["meld"]
+    report = json.loads((tmp_path / "e1" / "report.json").read_text())["calibration"]
+    assert cal.method == report["method"] == "prior-shift" and report["metric"] == "macro_f1"
+    assert report["applied_offsets"] == list(cal.offsets_for("macro_f1")) and report["in_sample"] is False
+    assert report["fit"]["data"].startswith(f"the dev split of {meld}") and report["fit"]["n"] == 113
+    assert json.loads((tmp_path / "e1" / "report.json").read_text())["title"].endswith(
+        "(dev-calibrated label priors, dev)")

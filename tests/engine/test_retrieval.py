@@ -76,9 +76,9 @@ def test_train_and_eval_pass_retrieval_to_their_prompts(tmp_path, demo_tokenizer
     def spy(module):
         real = module.load_example_set
 
-        def load(spec, split, pcfg, knowledge=()):
+        def load(spec, split, pcfg, knowledge=(), guard=None):
             seen.append((split, pcfg.retrieval))
-            return real(spec, split, pcfg, knowledge)
+            return real(spec, split, pcfg, knowledge, guard)
         monkeypatch.setattr(module, "load_example_set", load)
     spy(data_sets)  # training_data and dev_sets (train.py)
     spy(eval_run)
