@@ -51,7 +51,7 @@ def run_dataset(dataset: str, a: argparse.Namespace, model: str, commands: dict)
         reports[name] = json.loads((ROOT / out / "report.json").read_text())
     for name, rep in reports.items():
         cal = rep["calibration"]
-        offsets = cal.get("applied_offsets", cal["offsets"])  # reports of the in-sample search before it had the key
+        offsets = cal["applied_offsets"] if "applied_offsets" in cal else cal["offsets"]  # older in-sample reports
         rows.append({"dataset": dataset, "system": name, "split": "test", **_scores(rep),
                      "applied_offsets": dict(zip(cal["labels"], [round(x, 3) for x in offsets])),
                      "fit": {k: v for k, v in cal.items() if k not in ("labels", "applied_offsets", "offsets")}})
@@ -64,14 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=ROOT.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "erc_levers")
     p.add_argument("--out-json", type=Path, default=ROOT / "benchmarks" / "results" / "calibration_smollm2_cpu.json")
-    # erc_levers_run.py's recipe, which run_cell reads
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--warmup-stage-steps", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    levers.add_recipe_args(p)  # erc_levers_run.py's recipe, which run_cell reads
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     model, commands, rows = repo_relative(smollm2_gguf()), {}, []

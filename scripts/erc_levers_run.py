@@ -28,7 +28,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from run_common import ROOT, git_state, machine, run_logged
+from run_common import ROOT, git_state, machine, run_logged, write_results
 
 from llama_erc.demo.pretrained import smollm2_gguf
 from llama_erc.benchmarks.provenance import repo_relative
@@ -168,12 +168,7 @@ def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
         "best_chosen_by": "given (--best)" if a.best else "highest mean dev weighted F1 over the datasets",
         "rows": rows,
     }
-    if a.notes.is_file():
-        result["notes"] = json.loads(a.notes.read_text())
-    result["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
-    a.out_json.parent.mkdir(parents=True, exist_ok=True)
-    a.out_json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_results(result, a.out_json, a.notes, t0)
 
 
 def print_table(result: dict) -> None:
@@ -182,6 +177,17 @@ def print_table(result: dict) -> None:
         print(f"{r['dataset']:<10}{r['system']:<44}{r['split']:<6}{r['accuracy']:>7.2f}{r['weighted_f1']:>7.2f}"
               f"{r['macro_f1']:>7.2f}{r['train_tokens']:>10}")
     print(f"best (by dev): {result['best']}")
+
+
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """The cell recipe's flags (what run_cell and recipe read), shared with scripts/calibration_run.py."""
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--warmup-stage-steps", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,13 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-json", type=Path, default=ROOT / "benchmarks" / "results" / "erc_levers_smollm2_cpu.json")
     p.add_argument("--notes", type=Path, default=ROOT / "benchmarks" / "results" / "erc_levers_notes.json",
                    help="a JSON file of remarks copied into the results (if present)")
-    p.add_argument("--steps", type=int, default=64)
-    p.add_argument("--warmup-stage-steps", type=int, default=16)
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    add_recipe_args(p)
     p.add_argument("--best", default="", help="name the best system instead of choosing it by dev")
     p.add_argument("--collect", action="store_true", help="only rebuild the results file from finished cells")
     a = p.parse_args(argv)

@@ -1,9 +1,10 @@
 """What the measured ERC runs share: the two text baselines, a logged subprocess, the machine and git state.
 
-Used by scripts/meld_tiny_run.py and scripts/meld_smollm2_run.py; every score is scikit-learn's, on MELD.
+Used by the scripts/*_run.py studies; every score is scikit-learn's.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -73,6 +74,17 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> 
     if rc != 0:
         raise RuntimeError(f"{cmd[1]} exited with {rc}; see {log}")
     return time.perf_counter() - t0
+
+
+def write_results(result: dict, out_json: Path, notes: Path, t0: float) -> dict:
+    """Write a study's results file: `result`, the hand-written notes file when there is one, and this
+    invocation's wall time."""
+    if notes.is_file():
+        result["notes"] = json.loads(notes.read_text())
+    result["wall_s_this_invocation"] = round(time.perf_counter() - t0, 1)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def machine() -> dict:

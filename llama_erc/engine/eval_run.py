@@ -131,7 +131,8 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
                 extra.update(calibration={**asdict(cal), "metric": cfg.calibration_metric,
                                           "applied_offsets": list(cal.offsets_for(cfg.calibration_metric)),
                                           "in_sample": cfg.split == "dev"},
-                             uncalibrated={k: raw[k] for k in ("accuracy", "weighted_f1", "macro_f1")})
+                             uncalibrated={k: raw[k] for k in ("accuracy", "weighted_f1", "macro_f1", "per_class",
+                                                               "confusion_matrix")})
             title = f"{kind} {cfg.split}"
             if "calibration" in extra:
                 title += f" (dev-calibrated label priors, {cfg.calibration})"

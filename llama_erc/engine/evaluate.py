@@ -65,6 +65,7 @@ def evaluate_sets(model: nn.Module, codec: PromptCodec, sets: list[ExampleSet], 
         rep = classification_report(gold, preds, list(eset.labels))
         out[f"{eset.dataset}_accuracy"] = rep["accuracy"]
         out[f"{eset.dataset}_weighted_f1"] = rep["weighted_f1"]
+        out[f"{eset.dataset}_macro_f1"] = rep["macro_f1"]
     out["weighted_f1"] = sum(out[f"{s.dataset}_weighted_f1"] for s in sets) / len(sets)
     return out
 

@@ -8,11 +8,23 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+from llama_erc.demo import DEMO_DATA
 from llama_erc.engine import calibration
 from llama_erc.engine.calibration import (CALIBRATION_FILE, OFFSET_GRID, dialogue_folds, f1_scores, fit_calibration,
                                           fit_prior_shift, read_calibrations, weighted_f1, write_calibration)
 
 LABELS = ("neutral", "joy", "anger")
+MELD = f"meld={DEMO_DATA}"
+
+
+def _tiny_run(tmp_path, tokenizer: str):
+    """A tiny model's adapters after 2 LoRA steps on the demo set (train.py), for eval.py to calibrate."""
+    import train as train_script
+    run = tmp_path / "run"
+    assert train_script.main(["--model", "tiny", "--tokenizer", tokenizer, "--train_data", MELD, "--out_dir", str(run),
+                              "--dtype", "fp32", "--device", "cpu", "--kernels", "off", "--micro_batch", "4",
+                              "--grad_accum", "1", "--max_steps", "2", "--save_every", "2"]) == 0
+    return run
 
 
 def test_weighted_f1_matches_sklearn():
@@ -102,16 +114,9 @@ def test_eval_calibration_dev_end_to_end(tmp_path, demo_tokenizer, capsys):
     import csv
 
     import eval as eval_script
-    import train as train_script
-    from llama_erc.demo import DEMO_DATA
 
-    meld = f"meld={DEMO_DATA}"
-    run = tmp_path / "run"
-    assert train_script.main(["--model", "tiny", "--tokenizer", demo_tokenizer, "--train_data", meld,
-                              "--out_dir", str(run), "--dtype", "fp32", "--device", "cpu", "--kernels", "off",
-                              "--micro_batch", "4", "--grad_accum", "1", "--max_steps", "2",
-                              "--save_every", "2"]) == 0
-    common = ["--run", str(run), "--data", meld, "--split", "test", "--dtype", "fp32", "--device", "cpu",
+    run = _tiny_run(tmp_path, demo_tokenizer)
+    common = ["--run", str(run), "--data", MELD, "--split", "test", "--dtype", "fp32", "--device", "cpu",
               "--kernels", "off", "--calibration", "dev-insample"]
     assert eval_script.main(common + ["--out_dir", str(tmp_path / "e1")]) == 0
     assert "fitting meld label offsets on the dev split" in capsys.readouterr().out
@@ -119,7 +124,8 @@ def test_eval_calibration_dev_end_to_end(tmp_path, demo_tokenizer, capsys):
     cal = read_calibrations(adapters_dir)["meld"]
     report = json.loads((tmp_path / "e1" / "report.json").read_text())
     assert report["calibration"]["offsets"] == list(cal.offsets) and report["calibration"]["in_sample"] is False
-    assert set(report["uncalibrated"]) == {"accuracy", "weighted_f1", "macro_f1"}
+    assert set(report["uncalibrated"]) == {"accuracy", "weighted_f1", "macro_f1", "per_class", "confusion_matrix"}
+    assert set(report["uncalibrated"]["per_class"]) == set(cal.labels)
     with (tmp_path / "e1" / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     probs = np.array([[float(r[f"p_{lab}"]) for lab in cal.labels] for r in rows])
@@ -224,16 +230,9 @@ def test_eval_calibration_prior_shift_end_to_end(tmp_path, demo_tokenizer, capsy
     """eval.py --calibration dev: the prior-shift fit on the dev split, stored with how it was fit; test scored
     with the strength chosen for --calibration_metric; a stored fit of the other method is replaced."""
     import eval as eval_script
-    import train as train_script
-    from llama_erc.demo import DEMO_DATA
 
-    meld = f"meld={DEMO_DATA}"
-    run = tmp_path / "run"
-    assert train_script.main(["--model", "tiny", "--tokenizer", demo_tokenizer, "--train_data", meld,
-                              "--out_dir", str(run), "--dtype", "fp32", "--device", "cpu", "--kernels", "off",
-                              "--micro_batch", "4", "--grad_accum", "1", "--max_steps", "2",
-                              "--save_every", "2"]) == 0
-    common = ["--run", str(run), "--data", meld, "--split", "test", "--dtype", "fp32", "--device", "cpu",
+    run = _tiny_run(tmp_path, demo_tokenizer)
+    common = ["--run", str(run), "--data", MELD, "--split", "test", "--dtype", "fp32", "--device", "cpu",
               "--kernels", "off"]
     assert eval_script.main(common + ["--calibration", "dev-insample", "--out_dir", str(tmp_path / "e0")]) == 0
     assert eval_script.main(common + ["--calibration", "dev", "--calibration_metric", "macro_f1",
@@ -243,6 +242,6 @@ def test_eval_calibration_prior_shift_end_to_end(tmp_path, demo_tokenizer, capsy
     report = json.loads((tmp_path / "e1" / "report.json").read_text())["calibration"]
     assert cal.method == report["method"] == "prior-shift" and report["metric"] == "macro_f1"
     assert report["applied_offsets"] == list(cal.offsets_for("macro_f1")) and report["in_sample"] is False
-    assert report["fit"]["data"].startswith(f"the dev split of {meld}") and report["fit"]["n"] == 113
+    assert report["fit"]["data"].startswith(f"the dev split of {MELD}") and report["fit"]["n"] == 113
     assert json.loads((tmp_path / "e1" / "report.json").read_text())["title"].endswith(
         "(dev-calibrated label priors, dev)")

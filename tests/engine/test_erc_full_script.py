@@ -1,0 +1,120 @@
+"""scripts/erc_full_run.py's bookkeeping on hand-made arms: the four rows per scored corpus, best_by_dev chosen on
+dev only (calibration compared on its own out-of-fold numbers), the spread over seeds, arm names, and an epoch
+counted from the leak-filtered training data."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.engine.test_erc_levers_script import _load_script
+
+full = _load_script("erc_full_run")
+DEMO_MELD = Path(__file__).resolve().parents[2] / "llama_erc" / "demo" / "meld_format"
+
+
+def _scores(acc: float, wf1: float, mf1: float, prefix: str = "") -> dict:
+    return {prefix + "accuracy": acc, prefix + "weighted_f1": wf1, prefix + "macro_f1": mf1}
+
+
+def _arm(root: Path, dataset: str, system: str, seed: int, *, dev: float, oof: tuple[float, float], test: float,
+         test_cal: float, best_step: int = 4) -> None:
+    """An arm as erc_full_run leaves it: the best dev evaluation, the training log and one test report per
+    scored corpus (oof: the calibration's out-of-fold dev weighted F1 at strength 0 and at the chosen 0.5)."""
+    cell = root / dataset / system / f"seed{seed}"
+    (cell / "lora" / "best").mkdir(parents=True)
+    kinds = full.scored_corpora(dataset)
+    metrics = {k: v for kind in kinds for k, v in _scores(dev + 0.1, dev, dev - 0.1, f"{kind}_").items()}
+    (cell / "lora" / "best" / "config.json").write_text(json.dumps(
+        {"step": best_step, "metrics": metrics, "leak": {"dropped_dialogues": 3} if dataset == "joint" else None}))
+    (cell / "lora" / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 4, "loss": 1.0, "tokens": 10}, {"step": 4, "eval": {"weighted_f1": dev}},
+        {"step": 8, "loss": 0.5, "tokens": 20})) + "\n")
+    (cell / "train.log").write_text("step 8/8 | loss 0.5\ndone at step 8\n")
+    per_class = {"a": {"f1": 0.25}, "b": {"f1": 0.75}}
+    for kind in kinds:
+        (cell / f"eval_test_{kind}").mkdir()
+        report = {**_scores(0.5, test_cal, 0.3), "per_class": per_class,
+                  "uncalibrated": {**_scores(0.6, test, 0.2), "per_class": per_class},
+                  "calibration": {"metric": "weighted_f1", "temperature": 1.1,
+                                  "strength": {"weighted_f1": 0.5, "macro_f1": 1.0},
+                                  "fit": {"out_of_fold": {
+                                      "weighted_f1": {"0.0": oof[0], "0.5": oof[1], "1.0": 0.0},
+                                      "macro_f1": {"0.0": 0.1, "0.5": 0.2, "1.0": 0.3}}}}}
+        (cell / f"eval_test_{kind}" / "report.json").write_text(json.dumps(report))
+
+
+def test_arm_rows(tmp_path):
+    _arm(tmp_path, "meld", "baseline", 0, dev=0.40, oof=(0.38, 0.42), test=0.50, test_cal=0.52)
+    rows = full.arm_rows(("meld", "baseline", 0), tmp_path)
+    assert [(r["split"], r["calibration"], r["weighted_f1"]) for r in rows] == [
+        ("dev", "none", 40.0), ("dev", "prior-shift", 42.0), ("test", "none", 50.0), ("test", "prior-shift", 52.0)]
+    assert rows[1]["macro_f1"] == 20.0 and rows[1]["as_trained_same_weighting"]["weighted_f1"] == 38.0
+    assert all(r["train_steps"] == 8 and r["best_step"] == 4 and r["seed"] == 0 for r in rows)
+    assert rows[2]["per_label_f1"] == {"a": 25.0, "b": 75.0} and rows[3]["strength"] == 0.5
+    assert full.arm_rows(("meld", "retrieval", 0), tmp_path) == []
+
+
+def test_joint_arm_scores_each_corpus_and_records_its_leak(tmp_path):
+    _arm(tmp_path, "joint", "baseline", 1, dev=0.40, oof=(0.38, 0.42), test=0.50, test_cal=0.52)
+    rows = full.arm_rows(("joint", "baseline", 1), tmp_path)
+    assert [r["dataset"] for r in rows] == ["meld"] * 4 + ["emorynlp"] * 4
+    assert all(r["trained_on"] == "joint" for r in rows)
+    assert full.leak_of(("joint", "baseline", 1), tmp_path) == {"dropped_dialogues": 3}
+    (tmp_path / "joint" / "baseline" / "seed1" / "eval_test_emorynlp" / "report.json").unlink()
+    assert full.arm_rows(("joint", "baseline", 1), tmp_path) == []  # an arm counts once every corpus is scored
+
+
+def test_best_by_dev_never_reads_test(tmp_path):
+    # retrieval wins test by far but loses dev; calibration wins the baseline's out-of-fold comparison
+    for seed, dev in ((0, 0.40), (1, 0.44)):
+        _arm(tmp_path, "meld", "baseline", seed, dev=dev, oof=(0.38, 0.40 + seed / 100), test=0.5, test_cal=0.5)
+        _arm(tmp_path, "meld", "retrieval", seed, dev=dev, oof=(0.30, 0.31), test=0.9, test_cal=0.9)
+    rows = [r for s in ("baseline", "retrieval") for seed in (0, 1) for r in full.arm_rows(("meld", s, seed), tmp_path)]
+    assert full.best_by_dev(rows) == {"meld": {"arm": "meld/baseline", "calibration": "prior-shift",
+                                               "dev_weighted_f1": 40.5}}
+    _arm(tmp_path, "emorynlp", "baseline", 0, dev=0.3, oof=(0.35, 0.33), test=0.5, test_cal=0.5)
+    rows += full.arm_rows(("emorynlp", "baseline", 0), tmp_path)
+    assert full.best_by_dev(rows)["emorynlp"]["calibration"] == "none"  # calibration lost out of fold
+
+
+def test_spread_over_seeds(tmp_path):
+    for seed, test in ((0, 0.50), (1, 0.54)):
+        _arm(tmp_path, "meld", "baseline", seed, dev=0.4, oof=(0.38, 0.42), test=test, test_cal=0.52)
+    rows = [r for seed in (0, 1) for r in full.arm_rows(("meld", "baseline", seed), tmp_path)]
+    entry = next(e for e in full.spread(rows) if e["split"] == "test" and e["calibration"] == "none")
+    assert entry["seeds"] == [0, 1]
+    assert entry["weighted_f1"] == {"mean": 52.0, "min": 50.0, "max": 54.0, "sd": 2.0}
+
+
+def test_arm_names_are_checked_before_any_work():
+    assert full.parse_arm("joint/retrieval+history-5/1") == ("joint", "retrieval+history-5", 1)
+    for bad, match in (("meld/baseline", "DATASET/SYSTEM/SEED"), ("iemocap/baseline/0", "unknown dataset"),
+                       ("meld/baseline/x", "DATASET/SYSTEM/SEED"), ("meld/history-7/0", "unknown system")):
+        with pytest.raises(SystemExit, match=match):
+            full.parse_arm(bad)
+
+
+def test_an_epoch_is_counted_from_the_training_data(tmp_path):
+    import argparse
+
+    from llama_erc.data import load_dialogues
+
+    (tmp_path / "meld").symlink_to(DEMO_MELD)
+    a = argparse.Namespace(data_root=tmp_path, micro_batch=4, evals_per_epoch=2, dtype="auto", max_len=256,
+                           lr=1e-3, epochs=2, eval_batch=8)
+    cmd = full.train_command(("meld", "baseline", 0), a, "model.gguf", Path("runs/x"))
+    n = sum(len(d.utterances) for d in load_dialogues("meld", DEMO_MELD, "train"))
+    steps_per_epoch = -(-n // 4)  # ceil
+    assert cmd[cmd.index("--eval_every") + 1] == str(-(-steps_per_epoch // 2))
+    assert cmd[cmd.index("--epochs") + 1] == "2" and cmd[cmd.index("--dtype") + 1] == "auto"
+    assert full.specs("joint", tmp_path)[0].startswith("meld=")
+
+
+def test_finished_reads_the_last_words_of_train_log(tmp_path):
+    assert not full._finished(tmp_path)
+    (tmp_path / "train.log").write_text("done at step 5 (interrupted; resume with --resume)\n")
+    assert not full._finished(tmp_path)
+    (tmp_path / "train.log").write_text("step 8/8\ndone at step 8\n")
+    assert full._finished(tmp_path)
