@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                   "git": git_state(), "model": repo_relative(smollm2_gguf()),
                   "recipe": "scripts/erc_levers_run.py baseline: 64 steps x 16 sequences, the final adapters",
-                  "commands": commands, "rows": rows, "wall_s": round(time.perf_counter() - t0, 1)}
+                  "commands": commands, "rows": rows, "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}
         a.out_json.parent.mkdir(parents=True, exist_ok=True)
         a.out_json.write_text(json.dumps(result, indent=2) + "\n")  # after every dataset: a cut-short run keeps it
     print(f"\n{'dataset':<10}{'system':<30}{'acc':>7}{'w-F1':>7}{'m-F1':>7}")
