@@ -1,0 +1,174 @@
+"""Pure-torch dequantization of GGUF quantized blocks: the spec the kernels of dequant_gguf.py must match.
+
+No triton import here. Each type is llama.cpp's own block layout, the raw bytes as a GGUF file stores them; every
+multi-byte field is little-endian, `f16` is an IEEE half decoded exactly to fp32 (subnormals included), and a
+block's output is its elements in the order listed (element e of block b is flat index b * ELEMS + e).
+Names below: b[i] is byte i of the block, lo(x) = x & 0xF, hi(x) = x >> 4.
+
+    Q8_0  32 elements, 34 B:  d f16 | qs 32 x int8
+          y[e] = qs[e] * d
+    Q4_0  32 elements, 18 B:  d f16 | qs 16 B
+          q[e] = lo(qs[e]) for e < 16, hi(qs[e - 16]) for e >= 16;  y[e] = d * (q[e] - 8)
+    Q4_1  32 elements, 20 B:  d f16 | m f16 | qs 16 B (nibbles as Q4_0)
+          y[e] = d * q[e] + m
+    Q4_K  256 elements, 144 B: d f16 | dmin f16 | scales 12 B | qs 128 B.  8 sub-blocks j of 32 elements, each
+          with a 6-bit scale sc[j] and min mn[j] packed in the 12 scale bytes s[0..11]:
+            j < 4:  sc[j] = s[j] & 63                      mn[j] = s[j + 4] & 63
+            j >= 4: sc[j] = lo(s[j + 4]) | (s[j - 4] >> 6) << 4    mn[j] = hi(s[j + 4]) | (s[j] >> 6) << 4
+          element e = 32 j + i, with qs byte 32 (j // 2) + i: q = lo(byte) if j is even, hi(byte) if odd
+          y[e] = (d * sc[j]) * q - dmin * mn[j]
+    Q5_K  256 elements, 176 B: d f16 | dmin f16 | scales 12 B | qh 32 B | qs 128 B.  As Q4_K, with a fifth bit:
+          q = q4 | ((qh[i] >> j) & 1) << 4   (bit j of qh byte i, for e = 32 j + i)
+          y[e] = (d * sc[j]) * q - dmin * mn[j]
+    Q6_K  256 elements, 210 B: ql 128 B | qh 64 B | scales 16 x int8 | d f16.  Two halves h of 128 elements;
+          element e = 128 h + r:
+            low 4 bits  from ql byte 64 h + r % 64,  lo() if r < 64 else hi()
+            high 2 bits from qh byte 32 h + r % 32,  bits 2 (r // 32) and 2 (r // 32) + 1
+          q = (low | high << 4) - 32 (in [-32, 31]);  y[e] = (d * scales[e // 16]) * q
+
+Math and cast points (those of gguf.quants, numpy, so results are bit-identical to it): the f16 fields become
+fp32 first; the integer codes become fp32 (exactly); every product, sum and difference is one fp32 op, rounded,
+in the association shown (the scale products first). Every product above is in fact exact in fp32 (an 11-bit
+significand times at most 6 + 6 bits of integer), so only the final +/- of Q4_1, Q4_K and Q5_K rounds, and a
+fused multiply-add would give the same bits. dequantize_gguf rounds into the requested dtype once, at the end.
+Ref: llama.cpp ggml/src/ggml-quants.c (dequantize_row_*); gguf-py gguf/quants.py.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+QK_K = 256  # elements in a K-quant super-block
+GGUF_BLOCKS: dict[str, tuple[int, int]] = {  # type -> (elements per block, bytes per block)
+    "Q8_0": (32, 2 + 32),
+    "Q4_0": (32, 2 + 16),
+    "Q4_1": (32, 2 + 2 + 16),
+    "Q4_K": (QK_K, 2 + 2 + 12 + QK_K // 2),
+    "Q5_K": (QK_K, 2 + 2 + 12 + QK_K // 8 + QK_K // 2),
+    "Q6_K": (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
+}
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _f16(field: Tensor) -> Tensor:
+    """(n, 2) uint8, a little-endian half per row -> (n, 1) fp32, exact. Assumes a little-endian host (x86, ARM,
+    CUDA), where torch's view is the file's byte order."""
+    return field.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: Tensor, run: int) -> Tensor:
+    """(n, k * run) uint8 -> (n, 2 k * run): per run of `run` bytes, its low nibbles, then its high nibbles."""
+    q = qs.reshape(qs.shape[0], -1, 1, run)  # (n, k, 1, run)
+    return torch.cat((q & 0xF, q >> 4), dim=2).reshape(qs.shape[0], -1)  # (n, k, 2, run) -> (n, 2 k run)
+
+
+def _bits(q: Tensor, run: int, width: int) -> Tensor:
+    """(n, k * run) uint8 -> (n, k * (8 / width) * run): per run of bytes, the width-bit fields from the lowest."""
+    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=q.device).reshape(1, 1, -1, 1)
+    fields = q.reshape(q.shape[0], -1, 1, run) >> shifts  # (n, k, 8 / width, run)
+    return (fields & ((1 << width) - 1)).reshape(q.shape[0], -1)
+
+
+def _k_scale_min(s: Tensor) -> tuple[Tensor, Tensor]:
+    """(n, 12) uint8 packed K-quant scales -> sc, mn: (n, 8) uint8, the 6-bit scale and min of each sub-block."""
+    s_lo, m_lo, tail = s[:, 0:4], s[:, 4:8], s[:, 8:12]  # the top 2 bits of s_lo / m_lo belong to sub-blocks 4..7
+    sc = torch.cat((s_lo & 0x3F, (tail & 0x0F) | ((s_lo >> 2) & 0x30)), dim=1)  # (n, 8)
+    mn = torch.cat((m_lo & 0x3F, (tail >> 4) | ((m_lo >> 2) & 0x30)), dim=1)  # (n, 8)
+    return sc, mn
+
+
+def dequant_q8_0(blocks: Tensor) -> Tensor:
+    """(n, 34) uint8 -> (n, 32) fp32."""
+    d = _f16(blocks[:, 0:2])  # (n, 1)
+    qs = blocks[:, 2:].contiguous().view(torch.int8).float()  # (n, 32)
+    return qs * d
+
+
+def dequant_q4_0(blocks: Tensor) -> Tensor:
+    """(n, 18) uint8 -> (n, 32) fp32."""
+    d = _f16(blocks[:, 0:2])  # (n, 1)
+    q = _nibbles(blocks[:, 2:], 16).to(torch.int8) - 8  # (n, 32) in [-8, 7]
+    return d * q.float()
+
+
+def dequant_q4_1(blocks: Tensor) -> Tensor:
+    """(n, 20) uint8 -> (n, 32) fp32."""
+    d, m = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])  # (n, 1) each
+    q = _nibbles(blocks[:, 4:], 16).float()  # (n, 32) in [0, 15]
+    return d * q + m
+
+
+def _k_quant(blocks: Tensor, q: Tensor) -> Tensor:
+    """Shared tail of Q4_K and Q5_K: blocks (n, bytes) for d, dmin and scales; q (n, 256) codes -> (n, 256)."""
+    n = blocks.shape[0]
+    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])  # (n, 1) each
+    sc, mn = _k_scale_min(blocks[:, 4:16])
+    d_sub = (d * sc.float()).reshape(n, 8, 1)  # per sub-block scale, then min: both exact in fp32
+    m_sub = (dmin * mn.float()).reshape(n, 8, 1)
+    return (d_sub * q.float().reshape(n, 8, 32) - m_sub).reshape(n, QK_K)
+
+
+def dequant_q4_k(blocks: Tensor) -> Tensor:
+    """(n, 144) uint8 -> (n, 256) fp32."""
+    return _k_quant(blocks, _nibbles(blocks[:, 16:], 32))  # (n, 256) codes in [0, 15]
+
+
+def dequant_q5_k(blocks: Tensor) -> Tensor:
+    """(n, 176) uint8 -> (n, 256) fp32."""
+    q_hi = _bits(blocks[:, 16:48], 32, 1)  # (n, 256): sub-block j takes bit j of the 32 qh bytes
+    q_lo = _nibbles(blocks[:, 48:], 32)  # (n, 256)
+    return _k_quant(blocks, q_lo | (q_hi << 4))  # codes in [0, 31]
+
+
+def dequant_q6_k(blocks: Tensor) -> Tensor:
+    """(n, 210) uint8 -> (n, 256) fp32."""
+    n = blocks.shape[0]
+    q_lo = _nibbles(blocks[:, 0:128], 64)  # (n, 256)
+    q_hi = _bits(blocks[:, 128:192], 32, 2)  # (n, 256)
+    q = (q_lo | (q_hi << 4)).to(torch.int8) - 32  # (n, 256) in [-32, 31]
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()  # (n, 16), one per 16 elements
+    d = _f16(blocks[:, 208:210])  # (n, 1)
+    d_sub = (d * scales).reshape(n, 16, 1)
+    return (d_sub * q.float().reshape(n, 16, 16)).reshape(n, QK_K)
+
+
+DEQUANT: dict[str, Callable[[Tensor], Tensor]] = {
+    "Q8_0": dequant_q8_0, "Q4_0": dequant_q4_0, "Q4_1": dequant_q4_1,
+    "Q4_K": dequant_q4_k, "Q5_K": dequant_q5_k, "Q6_K": dequant_q6_k,
+}
+
+
+def as_gguf_blocks(data: Tensor, ggml_type: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Check the arguments of dequantize_gguf (ValueError naming the bad value) -> (n_blocks, bytes) uint8."""
+    if ggml_type not in GGUF_BLOCKS:
+        raise ValueError(f"unknown GGUF type {ggml_type!r}; supported: {', '.join(GGUF_BLOCKS)}")
+    if not isinstance(data, Tensor) or data.dtype != torch.uint8:
+        got = data.dtype if isinstance(data, Tensor) else type(data).__name__
+        raise ValueError(f"data must be a uint8 tensor of raw {ggml_type} bytes, got {got}")
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    n_elems, n_bytes = GGUF_BLOCKS[ggml_type]
+    if data.numel() % n_bytes:
+        raise ValueError(f"{data.numel()} bytes is not a whole number of {ggml_type} blocks ({n_bytes} B each)")
+    n_blocks = data.numel() // n_bytes
+    try:
+        shape = tuple(operator.index(s) for s in shape)  # accepts torch.Size and numpy integers
+    except TypeError:
+        raise ValueError(f"shape {shape!r} must be a tuple of integers") from None
+    if any(s < 0 for s in shape) or math.prod(shape) != n_blocks * n_elems:
+        raise ValueError(f"shape {shape} does not hold the {n_blocks} x {n_elems} = {n_blocks * n_elems} "
+                         f"elements of {data.numel()} bytes of {ggml_type}")
+    return data.reshape(-1).view(n_blocks, n_bytes)  # a copy only if data was not contiguous
+
+
+def dequantize_gguf(data: Tensor, ggml_type: str, shape: tuple[int, ...],
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """data: uint8 raw blocks of ggml_type (any shape) -> the weight of `shape` (row-major) in dtype.
+
+    fp32 math throughout, rounded once into dtype; the fp32 result is bit-identical to gguf.quants.dequantize."""
+    blocks = as_gguf_blocks(data, ggml_type, shape, dtype)
+    return DEQUANT[ggml_type](blocks).reshape(tuple(shape)).to(dtype)
