@@ -102,30 +102,19 @@ def _dequant_q4_1_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
 
 
 @triton.jit
-def _dequant_q4_k_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
-                         BLOCKS: tl.constexpr, BYTES: tl.constexpr, ELEMS: tl.constexpr):
+def _dequant_k_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
+                      BLOCKS: tl.constexpr, BYTES: tl.constexpr, ELEMS: tl.constexpr,
+                      FIVE_BIT: tl.constexpr):  # Q5_K: 32 qh bytes (the codes' fifth bit) before the nibbles
     blk, ok, e = _tile(n_blocks, BLOCKS, ELEMS)
     src = q_ptr + blk * BYTES
     d = _load_f16(src, 0, ok)
     dmin = _load_f16(src, 2, ok)
     sub = e // 32  # (1, 256) sub-block: pairs of sub-blocks share 32 qs bytes (low, then high nibbles)
     sc, mn = _k_scale_min(src, sub, ok)
-    q = (_load_u8(src, 16 + (sub // 2) * 32 + e % 32, ok) >> ((sub % 2) * 4)) & 15
-    _store(y_ptr, blk, e, (d * sc) * q.to(tl.float32) - dmin * mn, ok, ELEMS)
-
-
-@triton.jit
-def _dequant_q5_k_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
-                         BLOCKS: tl.constexpr, BYTES: tl.constexpr, ELEMS: tl.constexpr):
-    blk, ok, e = _tile(n_blocks, BLOCKS, ELEMS)
-    src = q_ptr + blk * BYTES
-    d = _load_f16(src, 0, ok)
-    dmin = _load_f16(src, 2, ok)
-    sub = e // 32
-    sc, mn = _k_scale_min(src, sub, ok)
-    q_lo = (_load_u8(src, 48 + (sub // 2) * 32 + e % 32, ok) >> ((sub % 2) * 4)) & 15
-    q_hi = (_load_u8(src, 16 + e % 32, ok) >> sub) & 1  # bit `sub` of qh byte e % 32
-    q = q_lo | (q_hi << 4)
+    qs = 48 if FIVE_BIT else 16  # where the nibbles start
+    q = (_load_u8(src, qs + (sub // 2) * 32 + e % 32, ok) >> ((sub % 2) * 4)) & 15
+    if FIVE_BIT:
+        q = q | (((_load_u8(src, 16 + e % 32, ok) >> sub) & 1) << 4)  # bit `sub` of qh byte e % 32
     _store(y_ptr, blk, e, (d * sc) * q.to(tl.float32) - dmin * mn, ok, ELEMS)
 
 
@@ -143,8 +132,10 @@ def _dequant_q6_k_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
     _store(y_ptr, blk, e, (d * scale) * q.to(tl.float32), ok, ELEMS)
 
 
-KERNELS = {"Q8_0": _dequant_q8_0_kernel, "Q4_0": _dequant_q4_0_kernel, "Q4_1": _dequant_q4_1_kernel,
-           "Q4_K": _dequant_q4_k_kernel, "Q5_K": _dequant_q5_k_kernel, "Q6_K": _dequant_q6_k_kernel}
+# type -> (kernel, its constexprs beyond the block sizes); Q4_K and Q5_K share one kernel as the twins share _k_quant
+KERNELS = {"Q8_0": (_dequant_q8_0_kernel, {}), "Q4_0": (_dequant_q4_0_kernel, {}), "Q4_1": (_dequant_q4_1_kernel, {}),
+           "Q4_K": (_dequant_k_kernel, {"FIVE_BIT": False}), "Q5_K": (_dequant_k_kernel, {"FIVE_BIT": True}),
+           "Q6_K": (_dequant_q6_k_kernel, {})}
 
 
 def dequant_gguf(data: Tensor, ggml_type: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -153,7 +144,7 @@ def dequant_gguf(data: Tensor, ggml_type: str, shape: tuple[int, ...], dtype: to
     Same function and errors as reference_gguf.dequantize_gguf; data must be on CUDA (or CPU under the
     interpreter)."""
     blocks = as_gguf_blocks(data, ggml_type, shape, dtype)  # (n_blocks, BYTES) uint8, checked
-    kernel = KERNELS[ggml_type]
+    kernel, constexprs = KERNELS[ggml_type]
     check_same_device(kernel, data=blocks)
     n_blocks = blocks.shape[0]
     ELEMS, BYTES = GGUF_BLOCKS[ggml_type]
@@ -161,6 +152,6 @@ def dequant_gguf(data: Tensor, ggml_type: str, shape: tuple[int, ...], dtype: to
     if n_blocks > 0:
         BLOCKS = rows_per_tile(ELEMS, n_blocks)  # whole blocks up to a TILE_ELEMS tile (power of two)
         kernel[(triton.cdiv(n_blocks, BLOCKS),)](
-            blocks, y, n_blocks, BLOCKS=BLOCKS, BYTES=BYTES, ELEMS=ELEMS,
+            blocks, y, n_blocks, BLOCKS=BLOCKS, BYTES=BYTES, ELEMS=ELEMS, **constexprs,
             num_warps=num_warps_for(BLOCKS * ELEMS), enable_fp_fusion=False)  # no FMA: the spec's op order
     return y.view(tuple(shape))
