@@ -145,7 +145,7 @@ def arm_rows(arm: tuple[str, str, int], out: Path) -> list[dict]:
         rep = json.loads(report_file.read_text())
         cal, raw = rep["calibration"], rep["uncalibrated"]
         oof = cal["fit"]["out_of_fold"]
-        applied = _strength_of(cal, cal["metric"])  # test is scored at this one strength, so dev is too
+        applied = cal["strength"][cal["metric"]]  # test is scored at this one strength, so dev is too
         base = {"dataset": kind, "trained_on": dataset, "system": system, "seed": seed, "train_steps": train_steps,
                 "best_step": best["step"]}
         rows += [
@@ -162,10 +162,6 @@ def arm_rows(arm: tuple[str, str, int], out: Path) -> list[dict]:
              _per_label(rep["per_class"]), "strength": applied, "temperature": round(cal["temperature"], 4)},
         ]
     return rows
-
-
-def _strength_of(cal: dict, metric: str) -> float:
-    return cal["strength"][metric]
 
 
 def best_by_dev(rows: list[dict]) -> dict:
@@ -217,9 +213,9 @@ def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
     out = ROOT / repo_relative(a.out)
     arms = sorted((d.parent.parent.name, d.parent.name, int(d.name[4:])) for d in out.glob("*/*/seed*")
                   if d.is_dir()) if out.is_dir() else []
-    rows = [r for arm in arms for r in arm_rows(arm, a.out)]
+    by_arm = {arm: arm_rows(arm, a.out) for arm in arms}  # read each arm's reports once
+    rows = [r for arm in arms for r in by_arm[arm]]
     old = json.loads(a.out_json.read_text()) if a.out_json.is_file() else {}
-    pending = ["/".join(map(str, arm)) for arm in arms if not arm_rows(arm, a.out)]
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "git": git_state(),
         "model": repo_relative(smollm2_gguf()),
@@ -228,8 +224,8 @@ def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
                    "selection": "the best adapters by dev weighted F1 of the run's dev evaluations"},
         "systems": {name: " ".join(flags) for name, (flags, warm) in levers.SYSTEMS.items() if not warm},
         "commands": {**old.get("commands", {}), **commands},
-        "arms_run": ["/".join(map(str, arm)) for arm in arms if arm_rows(arm, a.out)],
-        "arms_pending": pending,
+        "arms_run": ["/".join(map(str, arm)) for arm in arms if by_arm[arm]],
+        "arms_pending": ["/".join(map(str, arm)) for arm in arms if not by_arm[arm]],
         "leak": {"/".join(map(str, arm)): leak_of(arm, a.out) for arm in arms if arm[0] == "joint"},
         "best_by_dev": best_by_dev(rows),
         "spread": spread(rows),
