@@ -209,13 +209,40 @@ def leak_of(arm: tuple[str, str, int], out: Path) -> dict | None:
     return json.loads(record.read_text()).get("leak") if record.is_file() else None
 
 
+def _arm_of(row: dict) -> tuple[str, str, int]:
+    return row["trained_on"], row["system"], row["seed"]
+
+
+def _row_order(row: dict) -> tuple:
+    return (*_arm_of(row), row["dataset"] != row["trained_on"], row["dataset"], row["split"],
+            row["calibration"] != AS_TRAINED)
+
+
+def earlier_rows(old: dict, here: set[tuple[str, str, int]]) -> list[dict]:
+    """The rows of arms that finished in an earlier invocation (perhaps on another machine, its runs/ gone) and
+    have no finished directory here: a study spread over sessions keeps every arm; an arm rerun here replaces
+    its old rows."""
+    return [r for r in old.get("rows", []) if _arm_of(r) not in here]
+
+
+def provenance_of_earlier(old: dict, arms: set[tuple[str, str, int]]) -> dict:
+    """Where the kept arms ran: the date, commit and CPU of the invocation that ran each (carried over when the
+    old file had kept them from one before it)."""
+    before = old.get("arms_from_earlier_invocations", {})
+    this = {"date": old.get("date"), "commit": old.get("git", {}).get("commit"),
+            "cpu": old.get("machine", {}).get("cpu")}
+    return {k: before.get(k, this) for k in sorted("/".join(map(str, arm)) for arm in arms)}
+
+
 def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
     out = ROOT / repo_relative(a.out)
     arms = sorted((d.parent.parent.name, d.parent.name, int(d.name[4:])) for d in out.glob("*/*/seed*")
                   if d.is_dir()) if out.is_dir() else []
     by_arm = {arm: arm_rows(arm, a.out) for arm in arms}  # read each arm's reports once
-    rows = [r for arm in arms for r in by_arm[arm]]
     old = json.loads(a.out_json.read_text()) if a.out_json.is_file() else {}
+    kept = earlier_rows(old, {arm for arm in arms if by_arm[arm]})
+    rows = sorted(kept + [r for arm in arms for r in by_arm[arm]], key=_row_order)
+    done = sorted({_arm_of(r) for r in rows})
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "git": git_state(),
         "model": repo_relative(smollm2_gguf()),
@@ -224,9 +251,11 @@ def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
                    "selection": "the best adapters by dev weighted F1 of the run's dev evaluations"},
         "systems": {name: " ".join(flags) for name, (flags, warm) in levers.SYSTEMS.items() if not warm},
         "commands": {**old.get("commands", {}), **commands},
-        "arms_run": ["/".join(map(str, arm)) for arm in arms if by_arm[arm]],
-        "arms_pending": ["/".join(map(str, arm)) for arm in arms if not by_arm[arm]],
-        "leak": {"/".join(map(str, arm)): leak_of(arm, a.out) for arm in arms if arm[0] == "joint"},
+        "arms_run": ["/".join(map(str, arm)) for arm in done],
+        "arms_from_earlier_invocations": provenance_of_earlier(old, {_arm_of(r) for r in kept}),
+        "arms_pending": ["/".join(map(str, arm)) for arm in arms if not by_arm[arm] and arm not in done],
+        "leak": {**{k: v for k, v in old.get("leak", {}).items() if parse_arm(k) in done},
+                 **{"/".join(map(str, arm)): leak_of(arm, a.out) for arm in arms if arm[0] == "joint"}},
         "best_by_dev": best_by_dev(rows),
         "spread": spread(rows),
         "rows": rows,

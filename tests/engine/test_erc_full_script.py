@@ -118,3 +118,29 @@ def test_finished_reads_the_last_words_of_train_log(tmp_path):
     assert not full._finished(tmp_path)
     (tmp_path / "train.log").write_text("step 8/8\ndone at step 8\n")
     assert full._finished(tmp_path)
+
+
+def test_collect_keeps_the_arms_of_earlier_invocations(tmp_path):
+    import argparse
+
+    # an earlier invocation (another machine) finished meld/baseline/0 and emorynlp/baseline/0; only emorynlp's
+    # directory is here, rerun: its rows are replaced, meld's are kept with where they ran
+    _arm(tmp_path / "runs", "meld", "baseline", 0, dev=0.40, oof=(0.38, 0.42), test=0.50, test_cal=0.52)
+    _arm(tmp_path / "runs", "emorynlp", "baseline", 0, dev=0.30, oof=(0.28, 0.29), test=0.31, test_cal=0.32)
+    old_rows = full.arm_rows(("meld", "baseline", 0), tmp_path / "runs") + [
+        {**r, "weighted_f1": 1.0} for r in full.arm_rows(("emorynlp", "baseline", 0), tmp_path / "runs")]
+    out_json = tmp_path / "results.json"
+    out_json.write_text(json.dumps({"date": "2026-12-05", "git": {"commit": "abc"}, "machine": {"cpu": "x"},
+                                    "rows": old_rows, "commands": {"meld/baseline/0": {"train": "t"}}}))
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "meld")
+    a = argparse.Namespace(out=tmp_path / "runs", out_json=out_json, notes=tmp_path / "none.json", epochs=1,
+                           micro_batch=16, evals_per_epoch=2, lr=1e-3, max_len=512, dtype="auto")
+    result = full.collect(a, {}, 0.0)
+    assert result["arms_run"] == ["emorynlp/baseline/0", "meld/baseline/0"]
+    assert result["arms_from_earlier_invocations"] == {"meld/baseline/0": {"date": "2026-12-05", "commit": "abc",
+                                                                            "cpu": "x"}}
+    assert [r["weighted_f1"] for r in result["rows"] if r["dataset"] == "meld"] == [40.0, 42.0, 50.0, 52.0]
+    assert 1.0 not in [r["weighted_f1"] for r in result["rows"]]  # the rerun arm's old rows are gone
+    assert result["commands"]["meld/baseline/0"] == {"train": "t"}
+    assert result["best_by_dev"]["meld"]["arm"] == "meld/baseline"
