@@ -1,4 +1,5 @@
-"""Pure-torch dequantization of GGUF quantized blocks: the spec the kernels of dequant_gguf.py must match.
+"""Pure-torch dequantization of GGUF quantized blocks: the spec the kernels of dequant_gguf.py must match; and
+the Q8_0 quantizer, gguf-py's bytes from torch (Quantization, below).
 
 No triton import here. Each type is llama.cpp's own block layout, the raw bytes as a GGUF file stores them; every
 multi-byte field is little-endian, `f16` is an IEEE half decoded exactly to fp32 (subnormals included), and a
@@ -31,7 +32,19 @@ fp32 first; the integer codes become fp32 (exactly); every product, sum and diff
 in the association shown (the scale products first). Every product above is in fact exact in fp32 (an 11-bit
 significand times at most 6 + 6 bits of integer), so only the final +/- of Q4_1, Q4_K and Q5_K rounds, and a
 fused multiply-add would give the same bits. dequantize_gguf rounds into the requested dtype once, at the end.
-Ref: llama.cpp ggml/src/ggml-quants.c (dequantize_row_*); gguf-py gguf/quants.py.
+
+Quantization (quantize_q8_0, the inverse for Q8_0; bit-identical to gguf.quants.quantize): all in fp32 from
+w.float(), per block of 32 consecutive row-major elements x:
+    d = absmax(x) / 127              one fp32 division, rounded
+    q[e] = roundf(x[e] * (1 / d))    fp32 reciprocal, rounded; fp32 product, rounded; then ties away from zero
+    stored: fp16(d) (round to nearest even, once, after the codes are taken from the fp32 d) | q as int8
+so the codes see the unrounded fp32 scale, and the stored d may differ from it by half an fp16 ulp (or flush to
+0 below ~2^-25, where the codes still span +/-127). An all-zero block has d = 0 and codes 0 (1 / d is taken as 0).
+A block so tiny (absmax < ~3.7e-37) that 1 / d overflows fp32 is written the same way, as gguf's bytes on x86
+(its NaN-to-int8 cast there gives 0); fp16(d) is 0 for it regardless. Refused with ValueError, as having no
+faithful Q8_0 bytes: non-finite values (gguf's codes would be NaN cast to int8, undefined), and a block whose
+fp16(d) overflows (absmax >= ~127 * 65520 = 8.3e6: gguf stores d = inf, which dequantizes to inf and NaN).
+Ref: llama.cpp ggml/src/ggml-quants.c (dequantize_row_*, quantize_row_q8_0_ref); gguf-py gguf/quants.py.
 """
 from __future__ import annotations
 
@@ -52,6 +65,7 @@ GGUF_BLOCKS: dict[str, tuple[int, int]] = {  # type -> (elements per block, byte
     "Q6_K": (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
 }
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Q8_0_QMAX = 127  # the largest Q8_0 code magnitude: d = absmax / 127 maps absmax to +/-127
 
 
 def _f16(field: Tensor) -> Tensor:
@@ -172,3 +186,49 @@ def dequantize_gguf(data: Tensor, ggml_type: str, shape: tuple[int, ...],
     fp32 math throughout, rounded once into dtype; the fp32 result is bit-identical to gguf.quants.dequantize."""
     blocks = as_gguf_blocks(data, ggml_type, shape, dtype)
     return DEQUANT[ggml_type](blocks).reshape(tuple(shape)).to(dtype)
+
+
+def _round_half_away(x: Tensor) -> Tensor:
+    """fp32 -> the nearest integer as fp32, ties away from zero (C's roundf, gguf's np_roundf). Exact for finite x:
+    |x| - floor(|x|) is exact in fp32, so the tie test sees the true fraction, where floor(|x| + 0.5) would not
+    (0.49999997 + 0.5 rounds to 1.0 in fp32)."""
+    a = x.abs()
+    whole = a.floor()
+    return (whole + (a - whole >= 0.5).to(x.dtype)).copysign(x)
+
+
+def quantize_q8_0(w: Tensor) -> Tensor:
+    """w: floating tensor of any shape, numel a multiple of 32 -> (numel / 32, 34) uint8 raw Q8_0 blocks of its
+    row-major elements, on w's device: the bytes of gguf.quants.quantize(w.float().numpy(), Q8_0).
+
+    fp32 math from w.float() (see the module docstring); ValueError naming the value on a non-tensor, a
+    non-floating dtype, a numel that is not whole blocks, a non-finite value, or a block beyond fp16's scale."""
+    if not isinstance(w, Tensor) or not w.is_floating_point():
+        got = w.dtype if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"w must be a floating-point tensor to quantize to Q8_0, got {got}")
+    n_elems = GGUF_BLOCKS["Q8_0"][0]
+    if w.numel() % n_elems:
+        raise ValueError(f"w of shape {tuple(w.shape)} has {w.numel()} elements, not a whole number of Q8_0 "
+                         f"blocks of {n_elems}")
+    x = w.float().reshape(-1, n_elems)  # (n, 32) fp32; bf16 / fp16 widen exactly, fp64 rounds as numpy's astype
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        i = int((~finite).reshape(-1).nonzero()[0])
+        raise ValueError(f"w holds the non-finite value {x.reshape(-1)[i].item()} at flat index {i}; "
+                         f"Q8_0 cannot encode it")
+    amax = x.abs().amax(dim=1, keepdim=True)  # (n, 1)
+    # Tensor / tensor, both here and for 1 / d: CUDA turns a division by a python scalar into a multiply by its
+    # rounded reciprocal, one bit off the true quotient gguf takes.
+    d = amax / torch.full_like(amax, Q8_0_QMAX)  # (n, 1) fp32
+    d16 = d.half()  # the stored scale, rounded once; the codes below still use the fp32 d
+    over = torch.isinf(d16).reshape(-1)
+    if bool(over.any()):
+        b = int(over.nonzero()[0])
+        raise ValueError(f"Q8_0 block {b} (w flat elements {b * n_elems}..{b * n_elems + n_elems - 1}) has absmax "
+                         f"{amax[b, 0].item()}: its scale {d[b, 0].item()} overflows fp16 (max 65504)")
+    inv = torch.ones_like(d) / d  # (n, 1); inf where d == 0 (all-zero block) or d < ~2^-128 (fp32 overflow)
+    inv = torch.where(torch.isinf(inv), torch.zeros_like(inv), inv)  # gguf's 0 for d == 0; its x86 bytes beyond
+    # |x * inv| <= 127 (1 + 2^-21) once inv is finite (d >= 2^-128 keeps 22 bits even when subnormal), so the
+    # codes never reach the 127.5 that would round to 128, out of int8's range.
+    q = _round_half_away(x * inv)  # (n, 32) integers in [-127, 127]
+    return torch.cat((d16.view(torch.uint8), q.to(torch.int8).view(torch.uint8)), dim=1)  # (n, 2 + 32)
