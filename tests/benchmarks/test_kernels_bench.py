@@ -1,19 +1,88 @@
-"""The benchmark script runs end to end at smoke size and writes a complete JSON report."""
+"""The benchmark script runs end to end at smoke size and writes a complete JSON report, dequant rows included."""
 import json
+import math
+
+import pytest
+import torch
 
 from llama_erc.benchmarks import kernels as bench
+from llama_erc.kernels.reference_gguf import GGUF_BLOCKS
+from llama_erc.kernels.reference_nf4 import NESTED_BLOCK, NF4_BLOCK
+
+TRAINED_OPS = ("rms_norm", "rms_norm+dw", "swiglu", "rope")
+DEQUANT_OPS = tuple(f"dequant {t}" for t in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "NF4"))
+
+
+def _dequant_bytes(op: str, rows: int, cols: int) -> int:
+    """Quantized bytes read + bf16 output bytes written, from the formats' layouts."""
+    n = rows * cols
+    kind = op.removeprefix("dequant ")
+    if kind == "NF4":
+        n_blocks = -(-n // NF4_BLOCK)
+        read = -(-n // 2) + n_blocks + 4 * -(-n_blocks // NESTED_BLOCK) + 4 * 256  # codes, absmax, nested, map
+    else:
+        elems, block_bytes = GGUF_BLOCKS[kind]
+        read = n // elems * block_bytes
+    return read + 2 * n
 
 
 def test_bench_smoke_writes_report(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--smoke", "--reps", "1", "--warmup", "0", "--compile", "off", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    for key in ("device", "date", "torch", "triton", "git_commit", "copy_gbs", "shapes", "timer", "results"):
+    for key in ("device", "date", "torch", "triton", "git_commit", "copy_gbs", "shapes", "timer", "ops", "results"):
         assert key in report, key
     assert report["copy_gbs"] > 0
     rows = {(r["op"], r["impl"], r["pass"]) for r in report["results"]}
-    assert rows == {(op, impl, p) for op in ("rms_norm", "rms_norm+dw", "swiglu", "rope")
-                    for impl in ("triton", "eager") for p in ("fwd", "bwd", "fwd+bwd")}
+    assert rows == ({(op, impl, p) for op in TRAINED_OPS for impl in ("triton", "eager")
+                     for p in ("fwd", "bwd", "fwd+bwd")}
+                    | {(op, impl, "fwd") for op in DEQUANT_OPS for impl in ("triton", "eager")})
     for r in report["results"]:
         assert r["ms"] > 0 and r["bytes"] > 0 and r["gbs"] > 0 and r["pct_copy"] > 0 and r["speedup_vs_eager"] > 0
-    assert "rms_norm" in capsys.readouterr().out  # the table is printed
+    rows_, cols = report["shapes"]["dequant"]
+    assert rows_ * cols % 256 == 0  # whole K-quant blocks
+    for r in report["results"]:
+        if r["op"] in DEQUANT_OPS:
+            assert r["shape"] == f"{rows_}x{cols}"
+            assert r["bytes"] == _dequant_bytes(r["op"], rows_, cols), r
+    for op in TRAINED_OPS:
+        assert report["ops"][op]["passes"] == ["fwd", "bwd", "fwd+bwd"]
+    for op in DEQUANT_OPS:  # forward only, and the outputs were checked against eager before timing
+        assert report["ops"][op] == {"shape": f"{rows_}x{cols}", "passes": ["fwd"], "checked_vs_eager": True}
+    table = capsys.readouterr().out
+    assert "rms_norm" in table  # the table is printed
+    dequant_lines = [line for line in table.splitlines() if line.startswith("dequant")]
+    assert len(dequant_lines) == 2 * len(DEQUANT_OPS)
+    assert all(line.split()[4] == "fwd" for line in dequant_lines)  # op is two words: op, type, shape, impl, pass
+
+
+def _smoke_dequant_cases() -> list[dict]:
+    return bench._dequant_cases(bench.SMOKE["dequant"], torch.bfloat16, "cpu", torch.Generator().manual_seed(0))
+
+
+def test_dequant_cases_kernel_matches_twin_bit_for_bit():
+    cases = _smoke_dequant_cases()
+    assert [c["op"] for c in cases] == list(DEQUANT_OPS)
+    for case in cases:
+        kernel, twin = case["fns"]
+        got, want = kernel(*case["args"]), twin(*case["args"])
+        assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape == bench.SMOKE["dequant"]
+        assert torch.isfinite(want).all() and want.abs().max() > 0, case["op"]  # finite scales, not all zero
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), case["op"]
+        assert case["fwd_bytes"] == _dequant_bytes(case["op"], *bench.SMOKE["dequant"])
+        assert case["bwd_bytes"] is None and list(bench._passes(kernel, case)) == ["fwd"]
+
+
+def test_check_outputs_refuses_a_wrong_kernel():
+    case = _smoke_dequant_cases()[0]
+    kernel, twin = case["fns"]
+    bench.check_outputs(case, {"triton": kernel, "eager": twin})  # passes
+
+    def off_by_one_ulp(*args):
+        y = kernel(*args)
+        flat = y.view(-1).view(torch.int16)
+        flat[math.prod(y.shape) // 2] += 1
+        return y
+
+    with pytest.raises(RuntimeError, match="triton differs from eager in 1 of"):
+        bench.check_outputs(case, {"triton": off_by_one_ulp, "eager": twin})
