@@ -3,9 +3,14 @@
 Public API (what `model` may import):
     rms_norm, swiglu, apply_rope   Triton kernels, forward and backward (rms_norm.py, swiglu.py, rope.py)
     lora_linear                    the LoRA linear as one autograd node (lora_linear.py; torch ops, hand-written
-                                   backward)
+                                   backward); its base weight may be a frozen quantized one (model/quant.py)
+    dequant_gguf, dequant_nf4      Triton dequantization of a frozen base weight's packed blocks, forward only
+                                   (dequant_gguf.py: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; dequant_nf4.py)
+    dequant_linear                 y = x deq(W)^T through a frozen quantized weight: one autograd node that saves
+                                   no weight, dequantizing again in backward (dequant_linear.py)
     REFERENCE                      the namespace of pure-torch twins with the same signatures (reference.py),
-                                   plus REFERENCE.rope_cos_sin; each twin is its op's spec
+                                   plus REFERENCE.rope_cos_sin; each twin is its op's spec (the dequantization
+                                   twins live in reference_gguf.py and reference_nf4.py)
     Ops, select_ops, REFERENCE_OPS the op set a model runs, chosen once (model.Transformer.ops)
 
 Set TRITON_INTERPRET=1 before importing this package to run the Triton kernels on CPU. The functionals shadow
@@ -27,7 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llama_erc.kernels import reference as REFERENCE
+from llama_erc.kernels.dequant_gguf import dequant_gguf
+from llama_erc.kernels.dequant_linear import dequant_linear
+from llama_erc.kernels.dequant_nf4 import dequant_nf4
 from llama_erc.kernels.lora_linear import lora_linear
+from llama_erc.kernels.reference_gguf import dequantize_gguf
+from llama_erc.kernels.reference_nf4 import dequantize_nf4
 from llama_erc.kernels.rms_norm import rms_norm
 from llama_erc.kernels.rope import apply_rope
 from llama_erc.kernels.swiglu import swiglu
@@ -40,17 +50,23 @@ class Ops:
     swiglu: Callable
     apply_rope: Callable
     lora_linear: Callable
+    dequant_gguf: Callable  # (data, ggml_type, shape, dtype) -> weight; a frozen quantized base's blocks
+    dequant_nf4: Callable  # (NF4Weight, dtype) -> weight
 
 
 def select_ops(triton: bool = False, fused_lora: bool = False) -> Ops:
-    """The Triton kernels (triton=True) or their specs for RMSNorm, SwiGLU and RoPE; the one-node LoRA linear
-    (fused_lora=True) or its eager twin. Each choice computes the same function as the other."""
+    """The Triton kernels (triton=True) or their specs for RMSNorm, SwiGLU, RoPE and weight dequantization; the
+    one-node LoRA linear (fused_lora=True) or its eager twin. Each choice computes the same function as the
+    other (the dequantizations bit for bit)."""
     return Ops(rms_norm=rms_norm if triton else REFERENCE.rms_norm,
                swiglu=swiglu if triton else REFERENCE.swiglu,
                apply_rope=apply_rope if triton else REFERENCE.apply_rope,
-               lora_linear=lora_linear if fused_lora else REFERENCE.lora_linear)
+               lora_linear=lora_linear if fused_lora else REFERENCE.lora_linear,
+               dequant_gguf=dequant_gguf if triton else dequantize_gguf,
+               dequant_nf4=dequant_nf4 if triton else dequantize_nf4)
 
 
 REFERENCE_OPS = select_ops()
 
-__all__ = ["REFERENCE", "REFERENCE_OPS", "Ops", "apply_rope", "lora_linear", "rms_norm", "select_ops", "swiglu"]
+__all__ = ["REFERENCE", "REFERENCE_OPS", "Ops", "apply_rope", "dequant_gguf", "dequant_linear", "dequant_nf4",
+           "lora_linear", "rms_norm", "select_ops", "swiglu"]

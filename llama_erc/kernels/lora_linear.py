@@ -11,6 +11,8 @@ tensor in x's dtype), h (N, r) and copies of A and B cast to x's dtype. Here the
 base GEMM's epilogue (addmm, beta=s), and backward keeps only x (alive anyway: the residual stream and
 the sibling projections hold it), the bool mask (1 byte an element, versus x_d's 2 or 4), xa (N, r), and
 W, A, B themselves (parameters: no cast copies). x_d is rebuilt in backward from x and the mask.
+A frozen quantized base weight (model/quant.py) is dequantized in forward for the GEMM and again in backward
+for dx, and never saved: the node holds the packed weight by reference (as kernels/dequant_linear.py does).
 Cast points as in the eager path: A and B are cast to x's dtype for the matmuls, and their grads come back
 in fp32 (their own dtype), as autograd through `.to()` gives them.
 Dropout: torch.native_dropout is what F.dropout / nn.Dropout run on CUDA, and on CPU it draws the same
@@ -48,9 +50,14 @@ class LoRALinearFunction(torch.autograd.Function):
         del x_d  # never saved: backward rebuilds it from x and the mask
         # y = s * (xa B^T) + x2 W^T: the rank-r product is the big GEMM's C matrix, added in its epilogue
         # (beta=s). Out of place, so that selective activation checkpointing may cache the GEMM outputs.
-        y = torch.addmm(torch.mm(xa, b.T), x2, weight.T, beta=scale)  # (N, out)
-        ctx.save_for_backward(x, mask, xa, weight, lora_a, lora_b)  # A, B fp32: the parameters, no copies
-        ctx.scale, ctx.p = scale, p
+        quantized = not isinstance(weight, Tensor)  # a frozen quantized weight (model/quant.py)
+        w = weight.dequantize() if quantized else weight  # (out, in); dequantized: transient, never saved
+        y = torch.addmm(torch.mm(xa, b.T), x2, w.T, beta=scale)  # (N, out)
+        del w
+        # A, B fp32: the parameters, no copies. A quantized weight is held by reference (its packed blocks are
+        # the model's parameters) and dequantized again in backward.
+        ctx.save_for_backward(x, mask, xa, None if quantized else weight, lora_a, lora_b)
+        ctx.scale, ctx.p, ctx.qweight = scale, p, weight if quantized else None
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., out)
 
     @staticmethod
@@ -72,7 +79,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 del x_d
             if need_x:
                 a = lora_a.to(g2.dtype)  # (r, in)
-                dx = g2 @ weight  # (N, in)
+                dx = g2 @ (weight if ctx.qweight is None else ctx.qweight.dequantize())  # (N, in)
                 if mask is None:
                     dx.addmm_(dxa, a)  # dx += dxa A, in the GEMM epilogue
                 else:
@@ -85,7 +92,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout_p: float,
                 training: bool) -> Tensor:
-    """x: (..., in) -> (..., out). weight (out, in) in x's dtype; lora_a (r, in), lora_b (out, r), any float dtype.
+    """x: (..., in) -> (..., out). weight (out, in) in x's dtype, or a frozen quantized weight (model/quant.py)
+    whose compute dtype is x's; lora_a (r, in), lora_b (out, r), any float dtype.
 
     Dropout on the adapter input is applied only when training and dropout_p > 0, like nn.Dropout.
     """

@@ -11,12 +11,15 @@ No triton import here, so the model can always fall back to these (CPU, debuggin
     rope_cos_sin(pos, head_dim, theta)  fp32 tables (..., head_dim/2) for positions of any leading shape.
     lora_linear(x, W, A, B, s, p, training)
                           y = x W^T + s * (dropout_p(x) A^T) B^T, A and B cast to x.dtype     (LoRA, eager)
+                          W may be a frozen quantized weight: x deq(W)^T through dequant_linear.py's node
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from llama_erc.kernels.dequant_linear import dequant_linear
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -55,8 +58,10 @@ def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale
     """x: (..., in), weight (out, in) in x's dtype, lora_a (r, in), lora_b (out, r) any float dtype -> (..., out).
 
     A and B are cast to x's dtype for the matmuls (autograd returns their grads in their own dtype); dropout on
-    the adapter's input only, when training and dropout_p > 0, as nn.Dropout would."""
-    y = F.linear(x, weight)  # first: autograd then sums x's gradient in the order the engine always has
+    the adapter's input only, when training and dropout_p > 0, as nn.Dropout would. A weight that is not a
+    tensor is a frozen quantized one (model/quant.py): its base term is dequant_linear's, the same function."""
+    # first: autograd then sums x's gradient in the order the engine always has
+    y = F.linear(x, weight) if isinstance(weight, Tensor) else dequant_linear(x, weight)
     x_d = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     h = F.linear(x_d, lora_a.to(x.dtype))  # (..., r)
     return y + scale * F.linear(h, lora_b.to(x.dtype))

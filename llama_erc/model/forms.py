@@ -70,6 +70,7 @@ class WeightSource:
     _read: Callable[[str, bool], Tensor] = field(repr=False)  # (Meta key, owned) -> CPU, Meta layout, file dtype
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
     _read_as: Callable[[str, torch.dtype], Tensor] | None = field(default=None, repr=False)  # GGUF: (key, dtype) -> CPU
+    gguf: GGUFFile | None = field(default=None, repr=False)  # GGUF: the file, for its raw blocks (model/quant.py)
 
     def fetch(self, key: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
               zero_copy: bool = True) -> Tensor:
@@ -155,7 +156,7 @@ def open_weights(path: str | Path) -> WeightSource:
                 raise LoadError(str(e)) from None
             stack.callback(gf.close)
             return WeightSource(form, gf.path, gf.config, gf.specs, gf.read, stack,
-                              lambda key, dtype: gf.read(key, True, dtype))
+                                lambda key, dtype: gf.read(key, True, dtype), gf)
         if form == "meta-pth":
             shards = _PthShards(path)
             specs, read = shards.specs, shards.read

@@ -18,6 +18,8 @@ Types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K are dequantized (gg
 one tensor at a time, a chunk of rows at a time straight into the requested dtype; any other type is refused by
 name before any tensor is read.
 Numpy shapes are GGUF's dims reversed, i.e. PyTorch's (out, in) layout already.
+With --base_quant gguf (model/quant.py) the quantized tensors are not dequantized: read_blocks gives their raw
+blocks as they are in the file, kept as such in the model.
 """
 from __future__ import annotations
 
@@ -171,6 +173,20 @@ class GGUFFile:
             part = src[r:r + step]
             part = part.copy() if plain else self._gguf.quants.dequantize(part, t.tensor_type)  # owned (rows, cols)
             flat[r:r + step] = torch.from_numpy(part)  # copy_ casts to dtype
+        self._drop_pages(t)
+        return out
+
+    def block_type(self, key: str) -> str | None:
+        """The tensor's GGUF type name when it is quantized blocks (not F32/F16/BF16), else None."""
+        name = self.tensors[key].tensor_type.name
+        return None if name in ("F32", "F16", "BF16") else name
+
+    def read_blocks(self, key: str) -> Tensor:
+        """A quantized tensor's raw blocks as they are in the file: owned uint8 (rows, bytes per row), each row
+        whole blocks (GGUF stores rows of whole blocks); then its file pages are dropped, as read() does."""
+        t = self.tensors[key]
+        rows = self.specs[key][0][0] if len(self.specs[key][0]) > 1 else 1
+        out = torch.from_numpy(t.data.reshape(rows, -1).copy())  # (rows, bytes per row), owned
         self._drop_pages(t)
         return out
 

@@ -5,7 +5,8 @@ Forms (detected from the directory; readers in model/forms.py):
        the zero-copy path.
     2. params.json + consolidated.NN.pth: Meta's download; model-parallel shards joined per tensor.
     3. config.json + HF-named model*.safetensors (+ index): renamed, wq/wk un-permuted to Meta's rotary order.
-    4. a GGUF file (or a directory holding one): llama.cpp's format, dequantized tensor by tensor (model/gguf.py).
+    4. a GGUF file (or a directory holding one): llama.cpp's format, dequantized tensor by tensor (model/gguf.py),
+       or, with base_quant="gguf", its quantized tensors kept as the file's blocks (model/quant.py).
 A Meta params.json with vocab_size -1 ("from the tokenizer") takes the vocabulary from tok_embeddings' rows.
 
 Memory: the model is built on the meta device (no storage), every tensor is fetched, cast to dtype/device
@@ -22,6 +23,7 @@ weight byte is read; a failure raises LoadError naming the file or key, never a 
 """
 from __future__ import annotations
 
+import hashlib
 from itertools import chain
 from pathlib import Path
 
@@ -31,9 +33,13 @@ from torch import nn
 from llama_erc.kernels import REFERENCE_OPS, Ops
 from llama_erc.model.forms import FORMS, WeightSource, LoadError, _listing, detect_form, open_weights
 from llama_erc.model.llama import Transformer
+from llama_erc.model.quant import BASE_QUANT, QuantizedWeight, install, quantize_weight, quantized_at_load
 
 __all__ = ["FORMS", "LoadError", "WeightSource", "check_against_model", "weight_keys", "detect_form", "load_pretrained",
-           "open_weights"]
+           "open_weights", "weights_fingerprint"]
+
+_WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".pth", ".json")
+_HEAD_BYTES, _SAMPLES, _SAMPLE_BYTES = 1 << 20, 64, 64 << 10
 
 
 def weight_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -62,27 +68,88 @@ def check_against_model(ckpt: WeightSource, model: nn.Module) -> None:
         raise LoadError(f"{where}: non-floating-point tensors: {_listing(bad_dtype)}")
 
 
+def _quantized_keys(ckpt: WeightSource, base_quant: str) -> dict[str, str | None]:
+    """{key: GGUF type kept as blocks (gguf) or None (quantized at load: nf4 / q8_0)} for the tensors held
+    quantized; checked before any weight byte is read."""
+    if base_quant not in BASE_QUANT:
+        raise LoadError(f"base_quant {base_quant!r} is unknown; choose one of {', '.join(BASE_QUANT)}")
+    if base_quant == "none":
+        return {}
+    if base_quant == "gguf":
+        if ckpt.gguf is None:
+            raise LoadError(f"{ckpt.path} ({ckpt.form}): --base_quant gguf keeps a GGUF file's blocks; this "
+                            "checkpoint is not a GGUF file (use nf4 or q8_0 to quantize it at load)")
+        return {k: t for k in ckpt.specs if (t := ckpt.gguf.block_type(k)) is not None}
+    keys = {k: None for k in ckpt.specs if quantized_at_load(k)}
+    if base_quant == "q8_0":
+        bad = [f"{k} {ckpt.specs[k][0]}" for k in keys if ckpt.specs[k][0][1] % 32]
+        if bad:
+            raise LoadError(f"{ckpt.path}: q8_0 needs rows of whole 32-element blocks: {_listing(bad)}")
+    return keys
+
+
 def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-                    ops: Ops = REFERENCE_OPS) -> Transformer:
+                    ops: Ops = REFERENCE_OPS, base_quant: str = "none") -> Transformer:
     """Load a checkpoint (any form above) into a Transformer running `ops`, every weight in dtype on device.
 
+    base_quant (model/quant.py): "none" (every weight dense in dtype), "gguf" (a GGUF file's quantized tensors
+    kept as its blocks), "nf4" / "q8_0" (the block linears quantized as each is read: peak memory is the packed
+    model plus one dense tensor); dtype is then the compute dtype they dequantize into.
     Raises LoadError (a ValueError) on a missing path, a directory matching no form, malformed or
-    contradicting params.json/config.json, missing/unexpected keys, shape mismatches or unreadable files.
+    contradicting params.json/config.json, missing/unexpected keys, shape mismatches, unreadable files, or a
+    base_quant the checkpoint cannot take.
     """
     with open_weights(path) as ckpt:
         with torch.device("meta"):  # parameters without storage: assign below gives them the loaded tensors
             model = Transformer(ckpt.config, ops=ops)
         check_against_model(ckpt, model)
-        state = {}
+        quantized = _quantized_keys(ckpt, base_quant)
+        state, packed = {}, {}
         for key in ckpt.specs:
             # one tensor at a time: a cast/permute/join makes at most one transient copy of this tensor
-            state[key] = ckpt.fetch(key, dtype, device)
-        if ckpt.config.tie_embeddings:  # one tensor: the output projection is the embedding itself
-            state["output.weight"] = state["tok_embeddings.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
+            if key not in quantized:
+                state[key] = ckpt.fetch(key, dtype, device)
+            elif quantized[key] is not None:  # gguf: the file's blocks as they are
+                packed[key] = QuantizedWeight(quantized[key], ckpt.specs[key][0], dtype,
+                                              {"blocks": ckpt.gguf.read_blocks(key).to(device)}, ops=ops)
+            else:  # nf4 / q8_0 from the tensor's fp32 values; the dense copy dies with this iteration
+                packed[key] = quantize_weight(ckpt.fetch(key, torch.float32, device), base_quant, dtype, ops)
+        if ckpt.config.tie_embeddings and "tok_embeddings.weight" in state:
+            state["output.weight"] = state["tok_embeddings.weight"]  # one tensor: the output IS the embedding
+        install(model, packed)  # before loading the rest: the swapped modules' dense weights are gone
+        held = {f"{name}.{p}" for name, m in model.named_modules(remove_duplicate=False)
+                if isinstance(m, QuantizedWeight) for p, _ in m.named_parameters()}  # already real
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        if unexpected or set(missing) - held:  # check_against_model above makes this unreachable; kept honest
+            raise LoadError(f"{path}: state dict mismatch after quantizing: missing "
+                            f"{_listing(sorted(set(missing) - held))}, unexpected {_listing(unexpected)}")
         model.tie_weights()  # assign replaced both Parameters; make them one again
-        del state
+        del state, packed
     left = [n for n, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left:  # would mean a module holds state the checkpoint key check did not see
         raise LoadError(f"{path}: parameters left on the meta device after loading: {_listing(left)}")
     return model
+
+
+def weights_fingerprint(path: str | Path) -> dict:
+    """A fingerprint of a checkpoint's files, fast at any size: each file's name and size, and one blake2b over
+    its first MiB (a GGUF's metadata and tensor table, a safetensors header) and 64 evenly spaced 64 KiB samples.
+    It tells one file from another (a file quantized or converted differently differs in its header and nearly
+    everywhere in its bytes); it is not a checksum of every byte. path: a file, or a directory (its weight and
+    config files: *.gguf, *.safetensors, *.pth, *.json)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.suffix in _WEIGHT_SUFFIXES
+                                                 and f.is_file())
+    h = hashlib.blake2b(digest_size=16)
+    sizes = {}
+    for f in files:
+        size = f.stat().st_size
+        sizes[f.name] = size
+        # a directory's files are told apart by name; one file is its bytes alone (a renamed copy is the same)
+        h.update(f"{f.name if path.is_dir() else ''}:{size};".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_HEAD_BYTES))
+            for i in range(_SAMPLES):
+                fh.seek(max(0, size - _SAMPLE_BYTES) * i // max(1, _SAMPLES - 1))
+                h.update(fh.read(_SAMPLE_BYTES))
+    return {"files": sizes, "blake2b": h.hexdigest()}

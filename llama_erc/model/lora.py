@@ -34,6 +34,7 @@ from torch import Tensor
 
 from llama_erc.kernels import REFERENCE_OPS, Ops
 from llama_erc.model.config import ModelConfig
+from llama_erc.model.quant import QuantLinear
 
 VALID_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 _METADATA_KEY = "lora_config"  # safetensors metadata entry holding asdict(LoRAConfig) as JSON
@@ -71,10 +72,13 @@ class LoRALinear(nn.Module):
     device in fp32; on the meta device they stay uninitialised until `reset_lora_parameters()`.
     """
 
-    def __init__(self, weight: Tensor, cfg: LoRAConfig, ops: Ops = REFERENCE_OPS):
+    def __init__(self, weight: Tensor | nn.Module, cfg: LoRAConfig, ops: Ops = REFERENCE_OPS):
         super().__init__()
         out_dim, in_dim = weight.shape
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares storage with the old weight
+        if isinstance(weight, Tensor):
+            self.weight = nn.Parameter(weight.detach(), requires_grad=False)  # shares storage with the old weight
+        else:  # a frozen quantized weight (model/quant.py): a module of packed parameters, kept as it is
+            self.weight = weight
         self.lora_a = nn.Parameter(torch.empty(cfg.rank, in_dim, dtype=torch.float32, device=weight.device))
         self.lora_b = nn.Parameter(torch.empty(out_dim, cfg.rank, dtype=torch.float32, device=weight.device))
         self.rank, self.alpha, self.scale = cfg.rank, cfg.alpha, cfg.scale
@@ -112,10 +116,19 @@ class LoRALinear(nn.Module):
         The merged weight is a new tensor, never an in-place write, so a mmap'd or shared base is untouched.
         keep_original=True holds on to the old tensor (one extra copy of each merged weight's memory while
         merged) so that unmerge() restores it bit for bit; without it unmerge() subtracts, see there.
+        A quantized base merges to a dense (deq(Wq)32 + s * B32 @ A32) in the compute dtype: the adapters were
+        trained on deq(Wq), so that is their model, and it is not what merging into the unquantized W16 the
+        file was made from would give. Its packed weight is always kept, so unmerge() restores it exactly.
         """
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged")
         w = self.weight
+        if not isinstance(w, Tensor):  # quantized: the packed module is small, keep it
+            self.quantized_original = w
+            self.weight = nn.Parameter((w.dequantize(torch.float32) + self.delta_weight()).to(w.dtype),
+                                       requires_grad=False)
+            self.merged = True
+            return
         self.original_weight = w.detach() if keep_original else None
         self.weight = nn.Parameter((w.float() + self.delta_weight()).to(w.dtype), requires_grad=False)
         self.merged = True
@@ -127,6 +140,12 @@ class LoRALinear(nn.Module):
         """
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: not merged")
+        if getattr(self, "quantized_original", None) is not None:
+            packed, self.quantized_original = self.quantized_original, None
+            del self.weight  # a Parameter now: nn.Module refuses to assign a module over it
+            self.weight = packed
+            self.merged = False
+            return
         w = self.weight
         if self.original_weight is not None:
             restored, self.original_weight = self.original_weight, None
@@ -176,7 +195,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, verbose: bool = 
     if _lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA layers")
     swaps = [(name, m) for name, m in model.named_modules()
-             if name.rsplit(".", 1)[-1] in cfg.targets and isinstance(m, nn.Linear)]
+             if name.rsplit(".", 1)[-1] in cfg.targets and isinstance(m, (nn.Linear, QuantLinear))]  # both take adapters
     if not swaps:
         raise ValueError(f"apply_lora: no nn.Linear named {list(cfg.targets)} in the model")
     for p in model.parameters():
