@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--share-prefix", action="store_true", help="ours, packed rows: the common prompt prefix once a row")
     p.add_argument("--fused-lora", action="store_true", help="ours: the fused LoRA autograd (kernels/lora_linear.py)")
     p.add_argument("--kernels", choices=("auto", "on", "off"), default="auto", help="ours: Triton kernels")
+    p.add_argument("--base-quant", choices=("none", "gguf", "nf4", "q8_0"), default="none",
+                   help="ours: the frozen base held quantized (model/quant.py); gguf needs a .gguf --model")
     p.add_argument("--compile", action="store_true", help="ours: torch.compile each transformer block")
     p.add_argument("--variants", default="", help="ours: several configurations, e.g. base,packing+flex "
                    "(replaces --packing/--packed-attention/--share-prefix/--fused-lora/--compile)")
@@ -233,7 +235,7 @@ def build_ours(args, variant: Variant, rt, vocab_size: int | None):
     net, mcfg = build_lora_model(args.model, rt, LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout,
                                                             lora_targets(args)),
                                  vocab_size=vocab_size, seed=args.seed, activation_checkpointing=checkpointing,
-                                 fused_lora=variant.fused_lora)
+                                 fused_lora=variant.fused_lora, base_quant=args.base_quant)
     if variant.compile:
         for layer in net.layers:
             layer.compile()  # in place: parameter names and checkpointing stay as they are

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES)
     p.add_argument("--kernels", default="auto", choices=("auto", "on", "off"))
     p.add_argument("--checkpointing", default="full", choices=("none", "full", "selective"))
+    p.add_argument("--base_quant", default="none", choices=("none", "nf4", "q8_0"),
+                   help="hold the frozen base quantized (model/quant.py); the preset's random weights are drawn, "
+                        "then quantized, before the peak is reset")
     p.add_argument("--micro_batch", type=int, default=8)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--supervised", type=int, default=4, help="supervised tokens at the end of each row (ERC-like); "
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rt = setup_runtime(args.device, args.dtype, args.kernels)
     lora = LoRAConfig(rank=args.rank, alpha=2 * args.rank, dropout=0.05, targets=tuple(args.targets.split(",")))
-    model, mcfg = build_lora_model(args.preset, rt, lora, seed=0, activation_checkpointing=args.checkpointing)
+    model, mcfg = build_lora_model(args.preset, rt, lora, seed=0, activation_checkpointing=args.checkpointing,
+                                   base_quant=args.base_quant)
     loss_fn = SupervisedLoss(model)
     params = trainable_parameters(model)
     opt = make_optimizer(params, OptimConfig(lr=3e-4))

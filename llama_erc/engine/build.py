@@ -16,6 +16,7 @@ from llama_erc.data import PromptCodec, build_codec, find_tokenizer, load_tokeni
 from llama_erc.engine.runtime import Runtime
 from llama_erc.kernels import select_ops
 from llama_erc.model import MODEL_PRESETS, LoRAConfig, ModelConfig, Transformer, apply_lora, load_pretrained, preset
+from llama_erc.model.quant import quantize_model
 
 
 def load_codec(model: str, tokenizer: str, prompt_format: str) -> PromptCodec:
@@ -24,14 +25,16 @@ def load_codec(model: str, tokenizer: str, prompt_format: str) -> PromptCodec:
 
 
 def build_lora_model(model: str, rt: Runtime, lora: LoRAConfig | None, *, vocab_size: int | None = None,
-                     seed: int = 0, activation_checkpointing: str = "none",
-                     fused_lora: bool = False) -> tuple[Transformer, ModelConfig]:
+                     seed: int = 0, activation_checkpointing: str = "none", fused_lora: bool = False,
+                     base_quant: str = "none") -> tuple[Transformer, ModelConfig]:
     """(model, its config). `model` is a checkpoint (a directory or a .gguf file) or a preset name, whose
     vocabulary then comes from the tokenizer (`vocab_size`); its random weights are drawn with `seed`. The op
-    set follows rt.use_kernels (Triton) and `fused_lora` (the one-node LoRA linear). With `lora`, adapters are
-    applied (their init drawn from `seed` too) and are the only trainable tensors; without, the base alone."""
+    set follows rt.use_kernels (Triton) and `fused_lora` (the one-node LoRA linear). `base_quant` holds the
+    frozen base quantized (model/quant.py; a preset's random weights are quantized after they are drawn). With
+    `lora`, adapters are applied (their init drawn from `seed` too) and are the only trainable tensors;
+    without, the base alone."""
     if Path(model).is_dir() or Path(model).suffix.lower() == ".gguf":
-        net = load_pretrained(model, dtype=rt.dtype, device=rt.device)
+        net = load_pretrained(model, dtype=rt.dtype, device=rt.device, base_quant=base_quant)
         mcfg = net.config
     elif model in MODEL_PRESETS:
         mcfg = preset(model)
@@ -43,6 +46,10 @@ def build_lora_model(model: str, rt: Runtime, lora: LoRAConfig | None, *, vocab_
         net.to(rt.dtype)
         net.tie_weights()  # to_empty gave the tied output its own storage
         net.init_weights(generator=torch.Generator(rt.device).manual_seed(seed))
+        if base_quant == "gguf":
+            raise ValueError(f"--base_quant gguf keeps a GGUF file's blocks; --model {model!r} is a preset (random "
+                             "weights): use nf4 or q8_0")
+        quantize_model(net, base_quant)
     else:
         raise ValueError(f"--model {model!r} is neither a checkpoint (a directory or a .gguf file) nor a preset "
                          f"({', '.join(MODEL_PRESETS)})")

@@ -14,9 +14,10 @@ The run record is every checkpoint's and best/'s config.json, the one descriptio
 (engine/resume.py), eval.py and a later stage (--init_adapters) read:
     {"train": the TrainConfig fields (dtype as resolved), "model": the ModelConfig fields,
      "batch": the make-up of the global batch, "data": {dataset: data.fingerprint},
-     "runtime": {"dtype", "dtype_reason"}, "leak": the leak guard's report (data/leaks.py)}
-    (best/ adds "step" and "metrics"). Records written before "batch", "data", "runtime" or "leak" existed are
-    read as far as they go.
+     "runtime": {"dtype", "dtype_reason"}, "leak": the leak guard's report (data/leaks.py),
+     "base": {"quant": how the frozen base was held, "files"/"blake2b": its files' fingerprint}}
+    (best/ adds "step" and "metrics"). Records written before "batch", "data", "runtime", "leak" or "base"
+    existed are read as far as they go.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from torch import nn
 from llama_erc.engine.config import TrainConfig
 from llama_erc.engine.resume import batch_record
 from llama_erc.engine.runtime import Runtime
+from llama_erc.model.load import weights_fingerprint
 
 CHECKPOINT_FILES = ("adapters.safetensors", "optimizer.pt", "state.pt", "config.json")
 # What decides the adapters' shapes and scale: a later stage (--init_adapters) must match the earlier one on each
@@ -61,8 +63,34 @@ def run_record(cfg: TrainConfig, model_config, rt: Runtime, data_fingerprints: d
     """The run record a run's checkpoints hold (module docstring)."""
     record = {"train": asdict(cfg), "model": asdict(model_config),
               "batch": batch_record(cfg.micro_batch, cfg.grad_accum, rt.world_size), "data": data_fingerprints,
-              "runtime": {"dtype": rt.dtype_name, "dtype_reason": rt.dtype_reason}}
+              "runtime": {"dtype": rt.dtype_name, "dtype_reason": rt.dtype_reason},
+              "base": base_record(cfg.model, cfg.base_quant)}
     return record if leak is None else {**record, "leak": leak}
+
+
+def base_record(model: str, base_quant: str) -> dict:
+    """The base the adapters trained on: how it was held (model/quant.py) and, for a checkpoint, its files'
+    fingerprint (model.load.weights_fingerprint); a preset's random weights have none."""
+    path = Path(model)
+    return {"quant": base_quant, **(weights_fingerprint(path) if path.exists() else {"preset": model})}
+
+
+def check_same_base(record: dict, run_model: str, model: str, base_quant: str, source: str | Path) -> None:
+    """Refuse to score a run's adapters on another base than the quantized one they trained on: adapters trained
+    on deq(Wq) are fit to those weights. A run on a dense base may be scored on any base (as before)."""
+    trained = record.get("base", {})
+    quant = trained.get("quant", record["train"].get("base_quant", "none"))
+    if quant == "none":
+        return
+    if base_quant != quant:
+        raise ValueError(f"{source}: the run's adapters trained on a {quant} base ({run_model}); scoring them with "
+                         f"--base_quant {base_quant} would change the weights they were fit to")
+    if "blake2b" in trained and Path(model).exists():
+        now = weights_fingerprint(model)
+        if now["blake2b"] != trained["blake2b"]:
+            raise ValueError(f"{source}: the run's adapters trained on the {quant} base {run_model} "
+                             f"(files {trained['files']}); {model} is another file (files {now['files']}, "
+                             "fingerprints differ): pass the run's own base with --model")
 
 
 def read_run_record(config_file: Path) -> dict:

@@ -23,6 +23,7 @@ from llama_erc.engine.optim import OptimConfig
 from llama_erc.engine.packing import BatchLayout
 from llama_erc.engine.runtime import DTYPE_CHOICES
 from llama_erc.model import ACTIVATION_CHECKPOINTING, LoRAConfig
+from llama_erc.model.quant import BASE_QUANT
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class TrainConfig(DataConfig):
     device: str = "auto"  # auto | cpu | cuda
     kernels: str = "auto"  # Triton kernels: auto (on for CUDA) | on | off
     activation_checkpointing: str = "full"  # none | full | selective (per block, non-reentrant; model/llama.py)
+    base_quant: str = "none"  # frozen base held quantized: none | gguf (the file's blocks) | nf4 | q8_0 (model/quant.py)
     # LoRA
     lora_rank: int = LoRAConfig.rank  # each default is defined once, in its sub-config
     lora_alpha: float = LoRAConfig.alpha
@@ -76,6 +78,7 @@ class TrainConfig(DataConfig):
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_choice("kernels", self.kernels, ("auto", "on", "off"))
         check_choice("activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+        check_choice("base_quant", self.base_quant, BASE_QUANT)
         check_choice("packed_attention", self.packed_attention, ("sdpa", "flex"))
         if self.packed_attention == "flex" and not self.packing:
             raise ValueError("--packed_attention flex applies to packed rows: add --packing")
@@ -131,6 +134,7 @@ class EvalConfig:
     max_len: int = 0  # default: the run's (512 without a run)
     retrieval: str = ""  # none | tfidf; default: the run's (none without a run)
     kernels: str = ""  # default: the run's (auto without a run)
+    base_quant: str = ""  # none | gguf | nf4 | q8_0; default: the run's (a run's adapters need its own base)
     n_shots: int = 0  # few-shot demonstrations drawn from the train split (0: zero-shot / as fine-tuned)
     shot_seed: int = 0  # which demonstrations are drawn
     out_dir: str = ""  # default: <run>/eval_<split>_<kind>
@@ -147,6 +151,7 @@ class EvalConfig:
         check_choice("dtype", self.dtype, DTYPE_CHOICES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_choice("kernels", self.kernels, ("", "auto", "on", "off"))
+        check_choice("base_quant", self.base_quant, ("", *BASE_QUANT))
         check_choice("prompt_format", self.prompt_format, ("", "alpaca", "chat"))
         check_choice("retrieval", self.retrieval, ("", "none", "tfidf"))
         check_choice("calibration", self.calibration, ("none", "dev", "dev-insample"))
@@ -165,7 +170,7 @@ class EvalConfig:
 # EvalConfig fields that default to the run's value (the run's TrainConfig, or TrainConfig's default without a
 # run): unset ("", 0, ()) means "as the run", anything else overrides it.
 RUN_DEFAULTS = ("model", "tokenizer", "prompt_format", "knowledge", "context_turns", "max_len", "retrieval",
-                "kernels")
+                "kernels", "base_quant")
 
 
 def resolve_run_config(cfg: EvalConfig, run: TrainConfig | None) -> TrainConfig:

@@ -17,7 +17,8 @@ from llama_erc.data import LeakGuard, load_example_set, parse_spec
 from llama_erc.engine.build import build_lora_model, load_codec
 from llama_erc.engine.calibration import (CALIBRATION_FILE, Calibration, PriorShift, fit_calibration,
                                           fit_prior_shift, read_calibrations, write_calibration)
-from llama_erc.engine.checkpoint import find_adapters, load_trainable, read_run_record, train_config_of
+from llama_erc.engine.checkpoint import (check_same_base, find_adapters, load_trainable, read_run_record,
+                                         train_config_of)
 from llama_erc.engine.config import EvalConfig, TrainConfig, parse_config, resolve_run_config
 from llama_erc.engine.evaluate import predict_set, subset, write_eval_outputs
 from llama_erc.engine.metrics import classification_report
@@ -105,8 +106,11 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
         pcfg = rc.prompt_config(cfg.n_shots, cfg.shot_seed)  # the run's prompts (retrieval included), eval's shots
         guard, leaks = _leak_check(cfg, run, record)
         sets = [load_example_set(s, cfg.split, pcfg, rc.knowledge, guard) for s in cfg.data]
+        if run is not None:
+            # before loading: a run's adapters need the quantized base they trained on
+            check_same_base(record, run.model, rc.model, rc.base_quant, config_file)
         model, _ = build_lora_model(rc.model, rt, rc.lora if adapters is not None else None,
-                                    vocab_size=codec.vocab_size, seed=rc.seed)
+                                    vocab_size=codec.vocab_size, seed=rc.seed, base_quant=rc.base_quant)
         if adapters is not None:
             load_trainable(model, adapters)
         model.eval()

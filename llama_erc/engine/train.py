@@ -9,6 +9,8 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 from llama_erc.data import dev_sets, training_data
 from llama_erc.engine.build import build_lora_model, load_codec
 from llama_erc.engine.checkpoint import init_adapters_file, load_trainable
@@ -17,6 +19,8 @@ from llama_erc.engine.evaluate import evaluate_sets
 from llama_erc.engine.loop import train_loop
 from llama_erc.engine.runtime import seed_everything, setup_runtime, teardown_runtime
 from llama_erc.engine.step import NonFiniteError
+from llama_erc.model.llamacpp_lora import export_llamacpp_lora
+from llama_erc.model.lora import lora_state_dict
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -45,7 +49,7 @@ def train(cfg: TrainConfig) -> dict:
             print(f"config: {json.dumps(asdict(cfg), sort_keys=True)}", flush=True)
         model, mcfg = build_lora_model(cfg.model, rt, cfg.lora, vocab_size=codec.vocab_size, seed=cfg.seed,
                                        activation_checkpointing=cfg.activation_checkpointing,
-                                       fused_lora=cfg.fused_lora)
+                                       fused_lora=cfg.fused_lora, base_quant=cfg.base_quant)
         if init_file is not None:
             # A new stage: only the adapter weights carry over; optimizer, step and lr schedule start fresh. On
             # --resume, train_loop then copies the checkpoint's adapters over all of these, so the checkpoint wins.
@@ -57,10 +61,25 @@ def train(cfg: TrainConfig) -> dict:
             return evaluate_sets(m, codec, dev, max_len=cfg.max_len, batch_size=cfg.dev_batch_size,
                                  max_examples=cfg.eval_max_examples)
 
-        return train_loop(cfg, rt, model, mcfg, train_seqs, codec.pad_id, evaluator if dev else None,
-                          data_fingerprints=fingerprints, leak=guard.report.to_json())
+        state = train_loop(cfg, rt, model, mcfg, train_seqs, codec.pad_id, evaluator if dev else None,
+                           data_fingerprints=fingerprints, leak=guard.report.to_json())
+        if rt.is_main and cfg.base_quant == "gguf" and not state.get("interrupted"):
+            write_llamacpp_adapter(cfg, model)
+        return state
     finally:
         teardown_runtime()
+
+
+def write_llamacpp_adapter(cfg: TrainConfig, model) -> Path:
+    """A run on a GGUF file's own blocks also hands llama.cpp its adapters for that file (model/llamacpp_lora.py):
+    <out_dir>/llamacpp-adapter.gguf, from best/ when the run kept one, else the final adapters."""
+    out = Path(cfg.out_dir)
+    best = out / "best" / "adapters.safetensors"
+    tensors = load_file(str(best)) if best.is_file() else lora_state_dict(model)
+    path = export_llamacpp_lora(tensors, cfg.lora, out / "llamacpp-adapter.gguf", base_name=Path(cfg.model).stem)
+    print(f"llama.cpp adapter ({'best' if best.is_file() else 'final'} adapters) for {cfg.model}: {path} "
+          f"(llama-cli -m {cfg.model} --lora {path})", flush=True)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

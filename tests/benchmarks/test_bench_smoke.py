@@ -98,3 +98,11 @@ def test_bench_shared_prefix_counts_examples_tokens_and_computed_ones(tmp_path):
     assert plain["computed_token_fraction"] == 1.0
     assert 0.3 < shared["computed_token_fraction"] < 0.9
     assert shared["loss_first"] == pytest.approx(plain["loss_first"], rel=1e-4)  # the same examples, the same loss
+
+
+def test_bench_ours_on_a_quantized_base(tmp_path):
+    """--base-quant holds ours' frozen base quantized; the report records it (GPU figures: scripts/gpu_session.sh)."""
+    assert bench.main([*TINY, "--mode", "fixed", "--seq-len", "16", "--systems", "ours", "--base-quant", "nf4",
+                       "--out", str(tmp_path / "q")]) == 0
+    r = _report(tmp_path / "q")
+    assert r["config"]["base_quant"] == "nf4" and r["systems"]["ours"]["tokens_per_s"] > 0

@@ -29,7 +29,8 @@ def synthetic_sequences(n: int, vocab: int = 512, seed: int = 0) -> list[Sequenc
 def tiny_setup(cfg: TrainConfig):
     rt = setup_runtime(cfg.device if cfg.device != "auto" else "cpu", cfg.dtype, cfg.kernels)
     model, mcfg = build_lora_model(cfg.model, rt, cfg.lora, seed=cfg.seed,
-                                   activation_checkpointing=cfg.activation_checkpointing, fused_lora=cfg.fused_lora)
+                                   activation_checkpointing=cfg.activation_checkpointing, fused_lora=cfg.fused_lora,
+                                   base_quant=cfg.base_quant)
     return rt, model, mcfg
 
 
