@@ -6,6 +6,8 @@
 #   bash scripts/gpu_session.sh erc     # bench.py on real MELD batches: our variants vs HF + PEFT, eval throughput
 #   bash scripts/gpu_session.sh erc32   # the same at micro-batch 32 (bigger GEMMs; the paper's global batch is 128)
 #   bash scripts/gpu_session.sh fixed   # bench.py, fixed-length rows of 512: MFU
+#   bash scripts/gpu_session.sh quant   # the quantized frozen base (model/quant.py): 7B memory with NF4 / Q8_0 beside
+#                                       bf16, tokens/s side by side (bench.py variants), the dequantization tests
 #
 # Results go to $OUT (the device tool's folder; default benchmarks/results/gpu) and are committed from there under
 # benchmarks/results/ with the device, date and commit they carry. The real MELD files and the LLaMA 2 tokenizer
@@ -14,7 +16,7 @@
 # others' results with it; the step's log says what happened. The device receives the tree without .git, so
 # pass the commit it is: `GIT_COMMIT=<sha> bash scripts/gpu_session.sh check` (llama_erc/benchmarks/provenance.py).
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh check|erc|erc32|fixed}
+part=${1:?usage: scripts/gpu_session.sh check|erc|erc32|fixed|quant}
 OUT=${OUT:-benchmarks/results/gpu}
 SHARED=${SHARED:-.gpu/shared}
 PY=${PY:-python3}
@@ -63,6 +65,15 @@ fixed)
     run 400 $PY bench.py --mode fixed --seq-len 512 --eval-examples 0 --out "$OUT" \
         --variants base,fused,selective,fused+selective,fused+selective+compile
     ;;
+quant)
+    # the dequantization kernels' own rows are in `check`'s kernel benchmark (forward only, % of copy bandwidth)
+    run 120 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_dequant_gguf.py tests/kernels/test_dequant_nf4.py
+    for bq in none nf4 q8_0; do
+        run 150 $PY -m llama_erc.benchmarks.train_memory --base_quant $bq --out "$OUT/train_memory_$bq.json"
+    done
+    run 400 $PY bench.py --mode fixed --seq-len 512 --eval-examples 0 --out "$OUT" --systems ours \
+        --variants base,nf4,q8_0,fused,fused+nf4
+    ;;
 *)
-    echo "unknown part $part: check, erc, erc32 or fixed" >&2; exit 2 ;;
+    echo "unknown part $part: check, erc, erc32, fixed or quant" >&2; exit 2 ;;
 esac

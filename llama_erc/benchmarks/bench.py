@@ -14,7 +14,8 @@ Systems (each built, run and freed in turn, on identical batches):
                   and torch.compile of each block. --variants runs several
                   such configurations one after the other as systems `ours[packing+flex]` etc. (`prefix`: the
                   prompts' common instruction held once per packed row, engine/packing.py; `selective`: selective
-                  activation checkpointing, model/llama.py); the headline ratios use the fastest of them (named in
+                  activation checkpointing, model/llama.py; `nf4`, `q8_0`: the frozen base held quantized, model/quant.py,
+                  as --base-quant does for every variant); the headline ratios use the fastest of them (named in
                   the report as `headline`).
     hf_peft_bf16  transformers LlamaForCausalLM (SDPA) + PEFT LoRA, adapters kept in bf16
                   (get_peft_model(..., autocast_adapter_dtype=False)); the baseline the ratios use.
@@ -92,10 +93,17 @@ class Variant:
     fused_lora: bool = False
     compile: bool = False
     selective: bool = False  # selective activation checkpointing (with --checkpointing on; HF stays full)
+    nf4: bool = False  # the frozen base held as NF4 (model/quant.py), whatever --base-quant says
+    q8_0: bool = False  # ... as GGUF Q8_0
 
     def __post_init__(self) -> None:
         if (self.flex or self.share_prefix) and not self.packing:
             raise ValueError(f"variant {self.spec!r}: flex and prefix apply to packed rows, add packing")
+        if self.nf4 and self.q8_0:
+            raise ValueError(f"variant {self.spec!r}: one base quantization at a time")
+
+    def base_quant(self, default: str) -> str:
+        return "nf4" if self.nf4 else "q8_0" if self.q8_0 else default
 
     @classmethod
     def parse(cls, spec: str) -> "Variant":
@@ -111,7 +119,8 @@ class Variant:
 
 
 VARIANT_TOKENS = {"packing": "packing", "flex": "flex", "prefix": "share_prefix", "fused": "fused_lora",
-                  "compile": "compile", "selective": "selective"}  # --variants token -> Variant field
+                  "compile": "compile", "selective": "selective", "nf4": "nf4",
+                  "q8_0": "q8_0"}  # --variants token -> Variant field
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -235,7 +244,7 @@ def build_ours(args, variant: Variant, rt, vocab_size: int | None):
     net, mcfg = build_lora_model(args.model, rt, LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout,
                                                             lora_targets(args)),
                                  vocab_size=vocab_size, seed=args.seed, activation_checkpointing=checkpointing,
-                                 fused_lora=variant.fused_lora, base_quant=args.base_quant)
+                                 fused_lora=variant.fused_lora, base_quant=variant.base_quant(args.base_quant))
     if variant.compile:
         for layer in net.layers:
             layer.compile()  # in place: parameter names and checkpointing stay as they are
