@@ -4,7 +4,9 @@
 
 Times forward, backward and forward+backward of each op at LLaMA-2-7B training shapes (8 x 512 tokens, hidden
 4096, FFN 11008, 32 heads x 128) in bf16, with inputs that require grad as in training. The RMSNorm weight is
-frozen as under LoRA ("rms_norm"); "rms_norm+dw" also trains it.
+frozen as under LoRA ("rms_norm"); "rms_norm+dw" also trains it. "add_rms_norm" is the block's residual add and
+ffn_norm, (x, residual) -> (h, y) with the weight frozen; its backward takes gradients for both outputs (the
+residual stream's dh and the norm's dy), and eager's is autograd's (the norm's backward, then the add of dh).
 "dequant <type>" rows time the weight-dequantization kernels (GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and NF4)
 forward only, as the packed weight is frozen: no backward or fwd+bwd rows, in the table or the JSON (whose "ops"
 lists each op's passes). They unpack one LLaMA-2-7B FFN weight (11008 x 4096; smoke: 64 x 256, whole K-quant
@@ -37,7 +39,7 @@ import triton
 from torch import Tensor
 
 from llama_erc.benchmarks.provenance import source_commit
-from llama_erc.kernels import REFERENCE, apply_rope, rms_norm, swiglu
+from llama_erc.kernels import REFERENCE, add_rms_norm, apply_rope, rms_norm, swiglu
 from llama_erc.kernels.dequant_gguf import dequant_gguf
 from llama_erc.kernels.dequant_nf4 import dequant_nf4
 from llama_erc.kernels.reference_gguf import GGUF_BLOCKS, dequantize_gguf
@@ -95,6 +97,7 @@ def _cases(shape: dict, dtype: torch.dtype, device: str) -> list[dict]:
 
     cos, sin = REFERENCE.rope_cos_sin(torch.arange(T, device=device), Dh)  # (T, Dh/2) fp32
     x, w_frozen, w = rnd(M, D), rnd(D, grad=False), rnd(D)
+    res = rnd(M, D)  # the residual stream, added to x
     gate, up = rnd(M, Fd), rnd(M, Fd)
     q = rnd(B, T, H, Dh)
     return [
@@ -102,6 +105,9 @@ def _cases(shape: dict, dtype: torch.dtype, device: str) -> list[dict]:
              fwd_bytes=2 * M * D * e + D * e, bwd_bytes=3 * M * D * e + D * e),  # x, w -> y; dy, x, w -> dx
         dict(op="rms_norm+dw", shape=f"{M}x{D}", args=(x, w, 1e-5), wrt=(x, w), fns=(rms_norm, REFERENCE.rms_norm),
              fwd_bytes=2 * M * D * e + D * e, bwd_bytes=3 * M * D * e + 2 * D * e),  # ... -> dx, dw
+        dict(op="add_rms_norm", shape=f"{M}x{D}", args=(x, res, w_frozen, 1e-5), wrt=(x, res),
+             fns=(add_rms_norm, REFERENCE.add_rms_norm),  # x, r, w -> h, y; dh, dy, h, w -> dx (= dr, one tensor)
+             fwd_bytes=4 * M * D * e + D * e, bwd_bytes=4 * M * D * e + D * e),
         dict(op="swiglu", shape=f"{M}x{Fd}", args=(gate, up), wrt=(gate, up), fns=(swiglu, REFERENCE.swiglu),
              fwd_bytes=3 * M * Fd * e, bwd_bytes=5 * M * Fd * e),  # g, u -> y; dy, g, u -> dg, du
         dict(op="rope", shape=f"{B}x{T}x{H}x{Dh}", args=(q, cos, sin), wrt=(q,), fns=(apply_rope, REFERENCE.apply_rope),
@@ -170,12 +176,12 @@ def check_outputs(case: dict, impls: dict[str, Callable]) -> None:
 
 def _passes(fn: Callable, case: dict) -> dict[str, Callable[[], object]]:
     """fwd, bwd (on a retained graph) and fwd+bwd closures of one implementation; fwd alone for a forward-only
-    case (bwd_bytes None)."""
+    case (bwd_bytes None). An op with several outputs (a tuple) gets a gradient for each."""
     args, wrt = case["args"], case["wrt"]
     if case["bwd_bytes"] is None:
         return {"fwd": lambda: fn(*args)}
     y = fn(*args)
-    dy = torch.randn_like(y)
+    dy = tuple(torch.randn_like(t) for t in y) if isinstance(y, tuple) else torch.randn_like(y)
     return {"fwd": lambda: fn(*args),
             "bwd": lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True),
             "fwd+bwd": lambda: torch.autograd.grad(fn(*args), wrt, dy)}

@@ -2,6 +2,8 @@
 
 Public API (what `model` may import):
     rms_norm, swiglu, apply_rope   Triton kernels, forward and backward (rms_norm.py, swiglu.py, rope.py)
+    add_rms_norm                   the residual add and the RMSNorm after it in one launch, -> (h, y); its
+                                   backward adds h's residual-stream gradient in the same launch (add_rms_norm.py)
     lora_linear                    the LoRA linear as one autograd node (lora_linear.py; torch ops, hand-written
                                    backward); its base weight may be a frozen quantized one (model/quant.py)
     dequant_gguf, dequant_nf4      Triton dequantization of a frozen base weight's packed blocks, forward only
@@ -32,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llama_erc.kernels import reference as REFERENCE
+from llama_erc.kernels.add_rms_norm import add_rms_norm
 from llama_erc.kernels.dequant_gguf import dequant_gguf
 from llama_erc.kernels.dequant_linear import dequant_linear
 from llama_erc.kernels.dequant_nf4 import dequant_nf4
@@ -47,6 +50,7 @@ from llama_erc.kernels.swiglu import swiglu
 class Ops:
     """The op set a model's modules call (model.Transformer.ops): fused ops or their pure-torch twins."""
     rms_norm: Callable
+    add_rms_norm: Callable  # (x, residual, weight, eps) -> (h = x + residual, rms_norm(h)); the block's ffn_norm
     swiglu: Callable
     apply_rope: Callable
     lora_linear: Callable
@@ -55,10 +59,11 @@ class Ops:
 
 
 def select_ops(triton: bool = False, fused_lora: bool = False) -> Ops:
-    """The Triton kernels (triton=True) or their specs for RMSNorm, SwiGLU, RoPE and weight dequantization; the
-    one-node LoRA linear (fused_lora=True) or its eager twin. Each choice computes the same function as the
-    other (the dequantizations bit for bit)."""
+    """The Triton kernels (triton=True) or their specs for RMSNorm (alone and after the residual add), SwiGLU,
+    RoPE and weight dequantization; the one-node LoRA linear (fused_lora=True) or its eager twin. Each choice
+    computes the same function as the other (the dequantizations bit for bit)."""
     return Ops(rms_norm=rms_norm if triton else REFERENCE.rms_norm,
+               add_rms_norm=add_rms_norm if triton else REFERENCE.add_rms_norm,
                swiglu=swiglu if triton else REFERENCE.swiglu,
                apply_rope=apply_rope if triton else REFERENCE.apply_rope,
                lora_linear=lora_linear if fused_lora else REFERENCE.lora_linear,
@@ -68,5 +73,5 @@ def select_ops(triton: bool = False, fused_lora: bool = False) -> Ops:
 
 REFERENCE_OPS = select_ops()
 
-__all__ = ["REFERENCE", "REFERENCE_OPS", "Ops", "apply_rope", "dequant_gguf", "dequant_linear", "dequant_nf4",
-           "lora_linear", "rms_norm", "select_ops", "swiglu"]
+__all__ = ["REFERENCE", "REFERENCE_OPS", "Ops", "add_rms_norm", "apply_rope", "dequant_gguf", "dequant_linear",
+           "dequant_nf4", "lora_linear", "rms_norm", "select_ops", "swiglu"]

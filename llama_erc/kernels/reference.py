@@ -3,6 +3,8 @@
 No triton import here, so the model can always fall back to these (CPU, debugging).
 
     rms_norm(x, w, eps)   y = (x32 * rsqrt(mean(x32^2) + eps)).to(x.dtype) * w        (Meta's cast points)
+    add_rms_norm(x, r, w, eps)
+                          h = x + r (one rounding, as torch's add), y = rms_norm(h, w, eps) -> (h, y)
     swiglu(gate, up)      y = silu(gate) * up                                         (in the input dtype)
     apply_rope(x, c, s)   interleaved pairs (x[2i], x[2i+1]) rotated by angle theta_i:
                             y[2i]   = x[2i] * c_i - x[2i+1] * s_i
@@ -27,6 +29,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return normed.to(x.dtype) * weight
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """x, residual: (..., N), weight: (N,) -> (h, y), both (..., N): the residual add and the RMSNorm after it.
+
+        h = x + residual                  in promote_types(x, residual): the exact sum rounded once, as torch adds
+        y = rms_norm(h, weight, eps)      exactly as above: h upcast to fp32, h32 * rsqrt(mean(h32^2) + eps)
+                                          rounded to h.dtype, then times weight in promote_types(h, weight)
+
+    The exact composition of the eager add and rms_norm, so a model that calls it computes bit for bit what it
+    computed with the two ops. Gradients are autograd's: d(h) = dh + the norm's input gradient, and x and
+    residual both receive d(h) (in their own dtype).
+    """
+    h = x + residual
+    return h, rms_norm(h, weight, eps)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:

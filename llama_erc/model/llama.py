@@ -4,6 +4,7 @@ checkpoints load as they are.
     h = tok_embeddings(tokens)                                   (B, T, D)
     for each block:  h = h + wo(attn(rope(wq(n1)), rope(wk(n1)), wv(n1)))      n1 = attention_norm(h)
                      h = h + w2(silu(w1(n2)) * w3(n2))                        n2 = ffn_norm(h)
+                     (the first add and ffn_norm are one op, ops.add_rms_norm, returning (h, n2))
     logits = output(norm(h))                                     (B, T, V)
 
 Llama 3 differs only in its rotary frequencies (model/rope.py); tied models (SmolLM2, Llama 3.2 1B/3B) use the
@@ -13,9 +14,9 @@ Rotary embeddings use Meta's interleaved pairs (x[2i], x[2i+1]) with fp32 cos/si
 rotate-half order are un-permuted at load time, model/forms.py). Attention is SDPA with GQA: causal, or under a caller's
 bool mask (packed examples, label-restricted decoding); or flex_attention under a caller's BlockMask (packed
 examples: whole tiles outside every example are skipped rather than computed and masked).
-The fused ops (RMSNorm, SwiGLU, RoPE, the LoRA linear) come from one op set, `Transformer.ops`
-(kernels.select_ops: the fused ops or their pure-torch twins, which compute the same function), chosen once per
-model; no module takes a backend flag in its forward.
+The fused ops (RMSNorm, residual add + RMSNorm, SwiGLU, RoPE, the LoRA linear) come from one op set,
+`Transformer.ops` (kernels.select_ops: the fused ops or their pure-torch twins, which compute the same function),
+chosen once per model; no module takes a backend flag in its forward.
 """
 from __future__ import annotations
 
@@ -116,14 +117,18 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops = REFERENCE_OPS):
         super().__init__()
+        self.ops = ops
         self.attention = Attention(cfg, ops)
         self.feed_forward = FeedForward(cfg, ops)
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None = None) -> Tensor:
-        h = h + self.attention(self.attention_norm(h), cos, sin, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h_attn = self.attention(self.attention_norm(h), cos, sin, mask)
+        # the residual add and ffn_norm in one op (one pass over memory with the fused kernel); ffn_norm keeps its
+        # parameter, so checkpoints load as before, but its forward is not called (nor hooks on it)
+        h, n2 = self.ops.add_rms_norm(h_attn, h, self.ffn_norm.weight, self.ffn_norm.eps)
+        return h + self.feed_forward(n2)
 
 
 class Transformer(nn.Module):

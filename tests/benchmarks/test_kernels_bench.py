@@ -9,7 +9,7 @@ from llama_erc.benchmarks import kernels as bench
 from llama_erc.kernels.reference_gguf import GGUF_BLOCKS
 from llama_erc.kernels.reference_nf4 import NESTED_BLOCK, NF4_BLOCK
 
-TRAINED_OPS = ("rms_norm", "rms_norm+dw", "swiglu", "rope")
+TRAINED_OPS = ("rms_norm", "rms_norm+dw", "add_rms_norm", "swiglu", "rope")
 DEQUANT_OPS = tuple(f"dequant {t}" for t in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "NF4"))
 
 
@@ -47,6 +47,10 @@ def test_bench_smoke_writes_report(tmp_path, capsys):
             assert r["bytes"] == _dequant_bytes(r["op"], rows_, cols), r
     for op in TRAINED_OPS:
         assert report["ops"][op]["passes"] == ["fwd", "bwd", "fwd+bwd"]
+    (B, T), D = report["shapes"]["tokens"], report["shapes"]["dim"]
+    one_pass = 4 * B * T * D * 2 + D * 2  # bf16: fwd x, r, w -> h, y; bwd dh, dy, h, w -> dx (= dr, one tensor)
+    assert {r["pass"]: r["bytes"] for r in report["results"] if r["op"] == "add_rms_norm"} == \
+        {"fwd": one_pass, "bwd": one_pass, "fwd+bwd": 2 * one_pass}
     for op in DEQUANT_OPS:  # forward only, and the outputs were checked against eager before timing
         assert report["ops"][op] == {"shape": f"{rows_}x{cols}", "passes": ["fwd"], "checked_vs_eager": True}
     table = capsys.readouterr().out

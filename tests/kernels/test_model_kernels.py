@@ -1,11 +1,15 @@
 """The tiny model running the Triton op set computes what it computes with the pure-torch reference ops:
-same logits, same gradients for every parameter, same loss curve under AdamW."""
+same logits, same gradients for every parameter, same loss curve under AdamW. And the reference op set computes
+bit for bit what the block computed before the residual add and ffn_norm became one op (add_rms_norm)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+import llama_erc.kernels as K
 from llama_erc.kernels import select_ops
 from llama_erc.model import Transformer, preset
+from llama_erc.model.llama import TransformerBlock
+from llama_erc.model.lora import LoRAConfig, apply_lora, lora_state_dict
 from tests.tolerances import TOL, assert_close
 
 CFG = preset("tiny")  # dim 64, 2 layers, 4 heads / 2 kv heads (GQA), hidden 176, vocab 512
@@ -21,6 +25,7 @@ def _models(dtype, device, **kw):
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))
     ker = Transformer(CFG, ops=select_ops(triton=True), **kw)
     ker.load_state_dict(ref.state_dict())
+    assert all(block.ops.add_rms_norm is K.add_rms_norm for block in ker.layers)  # the fused op is under test
     return ref.to(device=device, dtype=dtype), ker.to(device=device, dtype=dtype)
 
 
@@ -105,3 +110,44 @@ def test_model_kernels_training_losses_match(device):
     assert ref_losses[-1] < ref_losses[0] - 0.5, f"the check needs a loss that moves: {ref_losses.tolist()}"
     rel = ((ker_losses - ref_losses).abs() / ref_losses.abs()).max().item()
     assert rel <= 1e-4, f"max relative loss difference {rel:.2e}\nref {ref_losses.tolist()}\nker {ker_losses.tolist()}"
+
+
+def _block_forward_before_add_rms_norm(self, h, cos, sin, mask=None):
+    """TransformerBlock.forward as it was before ops.add_rms_norm: the eager add, then ffn_norm."""
+    h = h + self.attention(self.attention_norm(h), cos, sin, mask)
+    return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _lora_logits_and_grads(dtype, checkpointing):
+    """Logits and every trainable grad (LoRA adapters with dropout, and the norms) of a tiny model, reference ops."""
+    torch.manual_seed(0)
+    model = Transformer(CFG, activation_checkpointing=checkpointing)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+    model.to(dtype)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.1, targets=("wq", "wv", "wo", "w1", "w2")), verbose=False)
+    with torch.no_grad():  # B = 0 would leave A's gradients zero
+        for p in lora_state_dict(model).values():
+            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("lora_a", "lora_b", "norm.weight")))
+    tokens, targets = _batch("cpu")
+    torch.manual_seed(5)  # the dropout masks
+    logits, loss = _loss(model.train(), tokens, targets)
+    loss.backward()
+    return logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "selective"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_ops_bit_identical_to_the_block_before_add_rms_norm(dtype, checkpointing, monkeypatch):
+    logits, grads = _lora_logits_and_grads(dtype, checkpointing)
+    monkeypatch.setattr(TransformerBlock, "forward", _block_forward_before_add_rms_norm)
+    logits_before, grads_before = _lora_logits_and_grads(dtype, checkpointing)
+    assert torch.equal(logits, logits_before)
+    assert grads.keys() == grads_before.keys() and any(k.endswith("ffn_norm.weight") for k in grads)
+    for k, g in grads_before.items():
+        assert torch.equal(grads[k], g), k
