@@ -29,12 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from llama_erc.kernels import REFERENCE_OPS, Ops, dequant_linear
-from llama_erc.kernels.reference_gguf import GGUF_BLOCKS, quantize_q8_0
+from llama_erc.kernels.reference_gguf import GGUF_BLOCKS, dequantize_gguf, quantize_q8_0
 from llama_erc.kernels.reference_nf4 import NF4Weight, quantize_nf4
 
 BASE_QUANT = ("none", "gguf", "nf4", "q8_0")
 QUANTIZED_AT_LOAD = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # what nf4 / q8_0 quantize: the block linears
 _NF4_FIELDS = ("packed", "absmax_codes", "nested_absmax", "nested_code")
+_TWIN_CHUNK = 1 << 20  # elements per call of the pure-torch GGUF twin (see QuantizedWeight.dequantize)
 
 
 class QuantizedWeight(nn.Module):
@@ -86,7 +87,17 @@ class QuantizedWeight(nn.Module):
                           self.shape)
             return self.ops.dequant_nf4(q, dtype)
         data = self.blocks if rows is None else self.blocks[rows]  # (rows, bytes per row)
-        return self.ops.dequant_gguf(data, self.fmt, (data.shape[0], self.shape[1]), dtype)
+        n, cols = data.shape[0], self.shape[1]
+        if self.ops.dequant_gguf is not dequantize_gguf or n * cols <= _TWIN_CHUNK:
+            return self.ops.dequant_gguf(data, self.fmt, (n, cols), dtype)
+        # The twin's fp32 temporaries are several times its output (a 49k x 576 tied embedding: ~0.5 GB), so it
+        # fills the output a chunk of rows at a time; elementwise math, so the same bits either way.
+        out = torch.empty((n, cols), dtype=dtype, device=data.device)
+        step = max(1, _TWIN_CHUNK // cols)
+        for r in range(0, n, step):
+            part = data[r:r + step]
+            out[r:r + step] = dequantize_gguf(part, self.fmt, (part.shape[0], cols), dtype)
+        return out
 
     def linear(self, x: Tensor) -> Tensor:
         return dequant_linear(x, self)

@@ -252,3 +252,14 @@ def test_smollm2_gguf_blocks_train_like_the_dequantized_file():
             run.append(loss.item())
         losses.append(run)
     assert losses[0] == losses[1]
+
+
+def test_the_twin_dequantizes_large_weights_a_chunk_of_rows_at_a_time(monkeypatch):
+    import llama_erc.model.quant as quant
+
+    w = torch.randn(40, 64)
+    qw = quant.QuantizedWeight("Q8_0", (40, 64), torch.bfloat16, {"blocks": quantize_q8_0(w).view(40, -1)})
+    whole = qw.dequantize()
+    monkeypatch.setattr(quant, "_TWIN_CHUNK", 64 * 7)  # 6 chunks of rows, the last one short
+    torch.testing.assert_close(qw.dequantize(), whole, rtol=0, atol=0)
+    torch.testing.assert_close(qw.dequantize(rows=torch.tensor([39, 0, 5] * 5)), whole[[39, 0, 5] * 5], rtol=0, atol=0)
