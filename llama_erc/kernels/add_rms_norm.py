@@ -11,10 +11,9 @@ residual stream):
                                                           autograd would round the norm's part, then the sum)
     dx = dsum, dr = dsum                                 (the add passes it on: one tensor, as torch's add)
     dw = sum over rows of dy * h_hat                     (fp32 h_hat, as in rms_norm.py)
-dw is reduced as in rms_norm.py, whose launch configuration and DW_PROGRAMS this module shares: each program
-keeps an fp32 partial row over a contiguous run of row tiles and the host sums the (n_programs, N) partials;
-with a frozen w (LoRA) HAS_DW=False and one program per tile. The backward re-reads h, not x and r, so only
-h and rstd are saved.
+The backward IS rms_norm.py's backward launch on h, with dh read and added before its one rounding
+(HAS_DRES): dw reduced the same way, one kernel for both ops. It re-reads h, not x and r, so only h and rstd
+are saved.
 Traffic (M rows of N, e = element size): fwd reads x, r (2MNe) and w, writes h, y (2MNe) and rstd (4M);
 against the add then rms_norm it saves a read of h (MNe). bwd reads dy, dh, h (3MNe), w and rstd, writes dsum
 (MNe); against rms_norm's backward then autograd's sum of the two gradients it saves the norm's gradient being
@@ -29,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from llama_erc.kernels._utils import cast_rne, check_float, check_same_device
-from llama_erc.kernels.rms_norm import DW_PROGRAMS, _launch_config
+from llama_erc.kernels.rms_norm import _launch_config, rms_norm_bwd
 
 
 @triton.jit
@@ -56,48 +55,6 @@ def _add_rms_norm_fwd_kernel(
     y = cast_rne(h_hat * w[None, :], y_ptr.dtype.element_ty)  # fp32 product, rounded once like torch's multiply
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], y, mask=mask)
-
-
-@triton.jit
-def _add_rms_norm_bwd_kernel(
-    dy_ptr, dh_ptr, h_ptr, w_ptr, rstd_ptr,  # (M, N) y dtype, (M, N) h dtype, (M, N), (N,), (M,) fp32
-    dsum_ptr, dw_ptr,  # (M, N) h dtype contiguous, (n_programs, N) fp32 partial rows
-    M, N, n_tiles, tiles_per_program,  # n_tiles = cdiv(M, BLOCK_M); each program owns a contiguous run
-    stride_dym, stride_dyn, stride_dhm, stride_dhn, stride_hm, stride_hn, stride_w,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DH: tl.constexpr,  # False when h's other uses gave no gradient: dsum is the norm's part alone
-    HAS_DX: tl.constexpr,  # False when neither x nor r needs grad
-    HAS_DW: tl.constexpr,  # False when w is frozen: no partials written
-):
-    pid = tl.program_id(0).to(tl.int64)
-    first = pid * tiles_per_program
-    cols = tl.arange(0, BLOCK_N).to(tl.int64)
-    col_ok = cols < N
-    w = tl.load(w_ptr + cols * stride_w, mask=col_ok, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for i in range(tl.minimum(tiles_per_program, n_tiles - first)):
-        rows = (first + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        mask = row_ok[:, None] & col_ok[None, :]
-        h = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn, mask=mask, other=0.0)
-        h = h.to(tl.float32)
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
-        dy = dy.to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_M,); 0 on padded rows
-        h_hat = h * rstd[:, None]
-        if HAS_DX:
-            g = dy * w[None, :]
-            c = tl.sum(g * h_hat, axis=1) / N  # (BLOCK_M,) mean(g * h_hat)
-            dsum = rstd[:, None] * (g - h_hat * c[:, None])
-            if HAS_DH:  # the residual stream's gradient, added in fp32 before the one rounding
-                dh = tl.load(dh_ptr + rows[:, None] * stride_dhm + cols[None, :] * stride_dhn, mask=mask, other=0.0)
-                dsum += dh.to(tl.float32)
-            tl.store(dsum_ptr + rows[:, None] * N + cols[None, :], cast_rne(dsum, dsum_ptr.dtype.element_ty),
-                     mask=mask)
-        if HAS_DW:
-            dw_acc += tl.sum(dy * h_hat, axis=0)  # fp32 h_hat: see rms_norm.py's docstring
-    if HAS_DW:
-        tl.store(dw_ptr + pid * N + cols, dw_acc, mask=col_ok)
 
 
 def _check(w: Tensor, **rows: Tensor) -> None:
@@ -139,34 +96,9 @@ def add_rms_norm_fwd(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tenso
 def add_rms_norm_bwd(dy: Tensor, dh: Tensor | None, h: Tensor, w: Tensor, rstd: Tensor, need_dx: bool = True,
                      need_dw: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """dy, dh (or None), h: (..., N), w: (N,), rstd: (M,) -> dsum (..., N) in h.dtype, the gradient of h that
-    x and r both receive, or None; dw (N,) in w.dtype or None."""
-    grads = {"dy": dy} if dh is None else {"dy": dy, "dh": dh}
-    _check(w, h=h, **grads)
-    if rstd.shape != (h.numel() // max(h.shape[-1], 1),):
-        raise ValueError(f"add_rms_norm backward: rstd {tuple(rstd.shape)} must have one value per row of h "
-                         f"{tuple(h.shape)}")
-    check_same_device(_add_rms_norm_bwd_kernel, h=h, weight=w, rstd=rstd, **grads)
-    N = h.shape[-1]
-    h2d, dy2d = h.reshape(-1, N), dy.reshape(-1, N)  # (M, N) each; strided views are read as they are
-    dh2d = dy2d if dh is None else dh.reshape(-1, N)  # unused when dh is None (HAS_DH=False)
-    M = h2d.shape[0]
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N)
-    n_tiles = triton.cdiv(M, BLOCK_M)
-    # as rms_norm_bwd: one tile per program without dw; with dw, few programs, each reducing a run of tiles
-    tiles_per_program = triton.cdiv(n_tiles, DW_PROGRAMS) if need_dw else 1
-    n_programs = triton.cdiv(n_tiles, tiles_per_program) if n_tiles else 0
-    dsum = torch.empty((M, N), dtype=h.dtype, device=h.device) if need_dx else None
-    partial = torch.zeros((n_programs, N), dtype=torch.float32, device=h.device) if need_dw else None
-    if n_programs > 0:
-        _add_rms_norm_bwd_kernel[(n_programs,)](
-            dy2d, dh2d, h2d, w, rstd, h2d if dsum is None else dsum, rstd if partial is None else partial,
-            M, N, n_tiles, tiles_per_program,
-            dy2d.stride(0), dy2d.stride(1), dh2d.stride(0), dh2d.stride(1), h2d.stride(0), h2d.stride(1),
-            w.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_DH=dh is not None, HAS_DX=need_dx, HAS_DW=need_dw,
-            num_warps=num_warps)
-    dw = partial.sum(0).to(w.dtype) if need_dw else None  # (N,): host-side sum of the fp32 partial rows
-    return (dsum.view(h.shape) if need_dx else None), dw
+    x and r both receive, or None; dw (N,) in w.dtype or None. RMSNorm's own backward launch with h's
+    residual-stream gradient dh added before its one rounding (rms_norm.py, HAS_DRES)."""
+    return rms_norm_bwd(dy, h, w, rstd, need_dx=need_dx, need_dw=need_dw, dres=dh)
 
 
 class AddRMSNormFunction(torch.autograd.Function):

@@ -54,13 +54,14 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr,  # (M, N) out dtype, (M, N) x.dtype, (N,), (M,) fp32
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dres_ptr,  # (M, N) out dtype, (M, N) x.dtype, (N,), (M,) fp32, (M, N)
     dx_ptr, dw_ptr,  # (M, N) x.dtype contiguous, (n_programs, N) fp32 partial rows
     M, N, n_tiles, tiles_per_program,  # n_tiles = cdiv(M, BLOCK_M); each program owns a contiguous run
-    stride_dym, stride_dyn, stride_xm, stride_xn, stride_w,
+    stride_dym, stride_dyn, stride_xm, stride_xn, stride_w, stride_drm, stride_drn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DX: tl.constexpr,  # False when x needs no grad
     HAS_DW: tl.constexpr,  # False when w is frozen: no partials written
+    HAS_DRES: tl.constexpr,  # x's own gradient from its other uses (add_rms_norm.py's residual stream), added
 ):
     pid = tl.program_id(0).to(tl.int64)
     first = pid * tiles_per_program
@@ -82,6 +83,10 @@ def _rms_norm_bwd_kernel(
             g = dy * w[None, :]
             c = tl.sum(g * x_hat, axis=1) / N  # (BLOCK_M,) mean(g * x_hat)
             dx = rstd[:, None] * (g - x_hat * c[:, None])
+            if HAS_DRES:  # added in fp32, before the one rounding
+                dres = tl.load(dres_ptr + rows[:, None] * stride_drm + cols[None, :] * stride_drn, mask=mask,
+                               other=0.0)
+                dx += dres.to(tl.float32)
             dx = cast_rne(dx, dx_ptr.dtype.element_ty)
             tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx, mask=mask)
         if HAS_DW:
@@ -123,16 +128,25 @@ def rms_norm_fwd(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def rms_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, need_dx: bool = True,
-                 need_dw: bool = True) -> tuple[Tensor | None, Tensor | None]:
-    """dy, x: (..., N), w: (N,), rstd: (M,) -> dx (..., N) in x.dtype or None, dw (N,) in w.dtype or None."""
+                 need_dw: bool = True, dres: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """dy, x: (..., N), w: (N,), rstd: (M,) -> dx (..., N) in x.dtype or None, dw (N,) in w.dtype or None.
+
+    dres (..., N), optional: a gradient x receives from elsewhere (the residual stream, add_rms_norm.py), added
+    to dx in the same launch."""
     _check(x, w)
     check_float("dy", dy)
-    if dy.shape != x.shape or rstd.shape != (x.numel() // max(x.shape[-1], 1),):
-        raise ValueError(f"rms_norm backward: dy {tuple(dy.shape)} and rstd {tuple(rstd.shape)} do not match "
-                         f"x {tuple(x.shape)}")
-    check_same_device(_rms_norm_bwd_kernel, dy=dy, x=x, weight=w, rstd=rstd)
+    if dres is not None:
+        check_float("dres", dres)
+    if dy.shape != x.shape or rstd.shape != (x.numel() // max(x.shape[-1], 1),) or (
+            dres is not None and dres.shape != x.shape):
+        raise ValueError(f"rms_norm backward: dy {tuple(dy.shape)}, rstd {tuple(rstd.shape)}"
+                         + ("" if dres is None else f" and dres {tuple(dres.shape)}")
+                         + f" do not match x {tuple(x.shape)}")
+    check_same_device(_rms_norm_bwd_kernel, dy=dy, x=x, weight=w, rstd=rstd,
+                      **({} if dres is None else {"dres": dres}))
     N = x.shape[-1]
     x2d, dy2d = x.reshape(-1, N), dy.reshape(-1, N)  # (M, N) each; strided views are read as they are
+    dres2d = dy2d if dres is None else dres.reshape(-1, N)  # unused when dres is None (HAS_DRES=False)
     M = x2d.shape[0]
     BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N)
     n_tiles = triton.cdiv(M, BLOCK_M)
@@ -143,10 +157,12 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, need_dx: bool =
     partial = torch.zeros((n_programs, N), dtype=torch.float32, device=x.device) if need_dw else None
     if n_programs > 0:
         _rms_norm_bwd_kernel[(n_programs,)](
-            dy2d, x2d, w, rstd, x2d if dx is None else dx, rstd if partial is None else partial,  # unused if off
+            dy2d, x2d, w, rstd, dres2d, x2d if dx is None else dx, rstd if partial is None else partial,  # unused if off
             M, N, n_tiles, tiles_per_program,
-            dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), w.stride(0),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_DX=need_dx, HAS_DW=need_dw, num_warps=num_warps)
+            dy2d.stride(0), dy2d.stride(1), x2d.stride(0), x2d.stride(1), w.stride(0), dres2d.stride(0),
+            dres2d.stride(1),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_DX=need_dx, HAS_DW=need_dw, HAS_DRES=dres is not None,
+            num_warps=num_warps)
     dw = partial.sum(0).to(w.dtype) if need_dw else None  # (N,): host-side sum of the fp32 partial rows
     return (dx.view(x.shape) if need_dx else None), dw
 

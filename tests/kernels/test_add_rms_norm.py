@@ -14,6 +14,7 @@ from tests.kernels.helpers import randn, upcast
 from tests.tolerances import TOL, assert_close, assert_ratio
 
 add_rms_norm_module = importlib.import_module("llama_erc.kernels.add_rms_norm")  # `kernels.add_rms_norm`: the function
+rms_norm_module = importlib.import_module("llama_erc.kernels.rms_norm")
 DTYPES = [torch.float32, torch.bfloat16]
 GRADS = ["row", "row", "cross_row", None]  # x, residual, weight, eps
 
@@ -135,7 +136,7 @@ def test_add_rms_norm_unused_output(dtype, device):
 
 def test_add_rms_norm_dw_reduced_over_runs_of_tiles(device, monkeypatch):
     # few programs, each looping over several row tiles (the last one over fewer): the 7B path at test size
-    monkeypatch.setattr(add_rms_norm_module, "DW_PROGRAMS", 3)
+    monkeypatch.setattr(rms_norm_module, "DW_PROGRAMS", 3)  # the backward is rms_norm's launch
     inputs, dh, dy = _inputs((37, 1024), torch.float32, device)  # 4 rows per tile, 10 tiles, 3 programs
     _check(inputs, dh, dy)
 
@@ -250,7 +251,7 @@ def test_add_rms_norm_validation(device):
     bwd = add_rms_norm_module.add_rms_norm_bwd
     with pytest.raises(ValueError, match=r"dy \(2, 9\)"):
         bwd(torch.randn(2, 9, device=device), None, x, w, torch.ones(2, device=device))
-    with pytest.raises(ValueError, match=r"dh \(3, 8\)"):
+    with pytest.raises(ValueError, match=r"dres \(3, 8\)"):  # dh, read by rms_norm's backward as dres
         bwd(torch.randn(2, 8, device=device), torch.randn(3, 8, device=device), x, w, torch.ones(2, device=device))
     with pytest.raises(ValueError, match=r"rstd \(3,\)"):
         bwd(torch.randn(2, 8, device=device), None, x, w, torch.ones(3, device=device))
