@@ -56,6 +56,20 @@ def _pair(path, dtype, *, lora: bool = True, fused: bool = False, checkpointing:
     return models
 
 
+def _lora_steps(m, tokens, steps: int, lr: float) -> list[float]:
+    """`steps` AdamW steps of next-token cross-entropy on tokens (B, T); the losses."""
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = m(tokens[:, :-1]).float()  # (B, T-1, V)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_gguf_blocks_are_kept_as_the_file_holds_them(gguf_file):
     spec, path = gguf_file
     dense, quant = _pair(path, torch.float32, lora=False)
@@ -92,17 +106,8 @@ def test_gguf_lora_training_bit_identical_step_by_step(gguf_file, fused, checkpo
     tokens = tokens_for(spec, batch=2, length=9)
     losses, grads = [], []
     for m in models:
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
         torch.manual_seed(1)  # the dropout masks: both models draw the same
-        run = []
-        for _ in range(3):
-            logits = m(tokens[:, :-1]).float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses.append(run)
+        losses.append(_lora_steps(m, tokens, 3, lr=1e-2))
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad})
     assert losses[0] == losses[1]
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * len(TARGETS) * 2
@@ -239,19 +244,7 @@ def test_smollm2_gguf_blocks_train_like_the_dequantized_file():
     dense, quant = _pair(path, torch.float32, fused=True)
     assert quant_summary(quant)["formats"] == {"Q8_0": 1, "Q4_1": 7 * 30}
     tokens = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for m in (dense, quant):
-        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
-        run = []
-        for _ in range(2):
-            logits = m(tokens[:, :-1]).float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses.append(run)
-    assert losses[0] == losses[1]
+    assert _lora_steps(dense, tokens, 2, lr=1e-3) == _lora_steps(quant, tokens, 2, lr=1e-3)
 
 
 def test_the_twin_dequantizes_large_weights_a_chunk_of_rows_at_a_time(monkeypatch):
