@@ -280,3 +280,17 @@ def test_resume_on_changed_training_data_is_refused(tmp_path, demo_tokenizer, ca
     assert train_script.main(argv + ["--resume"]) == 2
     err = capsys.readouterr().err
     assert "the training data of meld changed" in err and "examples, sha256" in err
+
+
+def test_resume_on_a_quantized_base_is_exact(tmp_path):
+    """--base_quant nf4: 2 steps, stop, resume to 4 gives the adapters and losses of 4 uninterrupted steps."""
+    kw = {**RUN, "grad_accum": 2, "base_quant": "nf4"}
+    _, whole = _run(base_cfg(tmp_path / "whole", **kw))
+    split = base_cfg(tmp_path / "split", eval_every=2, **kw)
+    state, _ = _run(split, evaluator=_sigterm_at_eval)  # stops after step 2's evaluation, with a checkpoint
+    assert state["step"] == 2 and state.get("interrupted")
+    with pytest.raises(ValueError, match="base_quant"):  # the packed base is part of the run: no switching
+        _run(base_cfg(tmp_path / "split", eval_every=2, resume=True, **{**kw, "base_quant": "none"}))
+    _, resumed = _run(base_cfg(tmp_path / "split", eval_every=2, resume=True, **kw))
+    _assert_same_adapters(_adapters(resumed), _adapters(whole), exact=True)
+    assert _losses(split.out_dir) == _losses(base_cfg(tmp_path / "whole", **kw).out_dir)
