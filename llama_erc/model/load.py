@@ -4,7 +4,9 @@ Forms (detected from the directory; readers in model/forms.py):
     1. params.json + Meta-named *.safetensors (+ model.safetensors.index.json): what engine/convert.py writes;
        the zero-copy path.
     2. params.json + consolidated.NN.pth: Meta's download; model-parallel shards joined per tensor.
-    3. config.json + HF-named model*.safetensors (+ index): renamed, wq/wk un-permuted to Meta's rotary order.
+    3. config.json + HF-named model*.safetensors (+ index): renamed, wq/wk un-permuted to Meta's rotary order;
+       a `*-bnb-4bit` one (bitsandbytes NF4, double-quantized) is dequantized at load, or, with base_quant="nf4",
+       its NF4 blocks are kept as the file holds them (never requantized; q/k rows permuted after dequantizing).
     4. a GGUF file (or a directory holding one): llama.cpp's format, dequantized tensor by tensor (model/gguf.py),
        or, with base_quant="gguf", its quantized tensors kept as the file's blocks (model/quant.py).
 A Meta params.json with vocab_size -1 ("from the tokenizer") takes the vocabulary from tok_embeddings' rows.
@@ -33,7 +35,8 @@ from torch import nn
 from llama_erc.kernels import REFERENCE_OPS, Ops
 from llama_erc.model.forms import FORMS, WeightSource, LoadError, _listing, detect_form, open_weights
 from llama_erc.model.llama import Transformer
-from llama_erc.model.quant import BASE_QUANT, QuantizedWeight, install, quantize_weight, quantized_at_load
+from llama_erc.model.quant import (BASE_QUANT, QuantizedWeight, install, nf4_quantized_weight, quantize_weight,
+                                   quantized_at_load)
 
 __all__ = ["FORMS", "LoadError", "WeightSource", "check_against_model", "weight_keys", "detect_form", "load_pretrained",
            "open_weights", "weights_fingerprint"]
@@ -59,8 +62,9 @@ def check_against_model(ckpt: WeightSource, model: nn.Module) -> None:
         parts = [f"missing keys: {_listing(missing)}"] if missing else []
         parts += [f"unexpected keys: {_listing(unexpected)}"] if unexpected else []
         raise LoadError(f"{where}: tensors do not match the config's model; " + "; ".join(parts))
-    wrong = [f"{k} (expected {shape}, got {ckpt.specs[k][0]})" for k, shape in expected.items()
-             if ckpt.specs[k][0] != shape]
+    wrong = [f"{k} (expected {shape}, got {ckpt.specs[k][0]}" +
+             (f" from the quant_state of {ckpt.nf4[k].origin()})" if k in ckpt.nf4 else ")")
+             for k, shape in expected.items() if ckpt.specs[k][0] != shape]
     if wrong:
         raise LoadError(f"{where}: shape mismatch against the config's model: {_listing(wrong)}")
     bad_dtype = [f"{k} ({dt})" for k, (_, dt) in ckpt.specs.items() if not dt.is_floating_point]
@@ -69,10 +73,22 @@ def check_against_model(ckpt: WeightSource, model: nn.Module) -> None:
 
 
 def _quantized_keys(ckpt: WeightSource, base_quant: str) -> dict[str, str | None]:
-    """{key: GGUF type kept as blocks (gguf) or None (quantized at load: nf4 / q8_0)} for the tensors held
-    quantized; checked before any weight byte is read."""
+    """{key: GGUF type kept as blocks (gguf), "NF4" (a bnb-4bit file's blocks kept) or None (quantized at load:
+    nf4 / q8_0)} for the tensors held quantized; checked before any weight byte is read."""
     if base_quant not in BASE_QUANT:
         raise LoadError(f"base_quant {base_quant!r} is unknown; choose one of {', '.join(BASE_QUANT)}")
+    if ckpt.nf4:  # a bitsandbytes 4-bit checkpoint: its NF4 blocks are kept (nf4) or dequantized (none), no other
+        if base_quant in ("gguf", "q8_0"):
+            raise LoadError(f"{ckpt.path} ({ckpt.form}): a bitsandbytes 4-bit (NF4) checkpoint; --base_quant "
+                            f"{base_quant} cannot hold it (that would requantize already quantized weights): use "
+                            "nf4 to keep its NF4 blocks, or none to dequantize them at load")
+        if base_quant == "none":
+            return {}
+        bad = [k for k in ckpt.nf4 if k == "tok_embeddings.weight"]
+        if bad:  # transformers never quantizes an embedding; a packed embedding needs row-aligned GGUF blocks
+            raise LoadError(f"{ckpt.nf4[bad[0]].origin()}: an NF4 token embedding cannot be held packed (rows "
+                            "are gathered); use --base_quant none")
+        return {k: "NF4" for k in ckpt.nf4}  # what the file holds dense stays dense (llm_int8_skip_modules)
     if base_quant == "none":
         return {}
     if base_quant == "gguf":
@@ -94,7 +110,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
 
     base_quant (model/quant.py): "none" (every weight dense in dtype), "gguf" (a GGUF file's quantized tensors
     kept as its blocks), "nf4" / "q8_0" (the block linears quantized as each is read: peak memory is the packed
-    model plus one dense tensor); dtype is then the compute dtype they dequantize into.
+    model plus one dense tensor; on a bnb-4bit checkpoint nf4 keeps the file's NF4 blocks instead, and gguf /
+    q8_0 are refused); dtype is then the compute dtype they dequantize into.
     Raises LoadError (a ValueError) on a missing path, a directory matching no form, malformed or
     contradicting params.json/config.json, missing/unexpected keys, shape mismatches, unreadable files, or a
     base_quant the checkpoint cannot take.
@@ -109,6 +126,10 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.bfloat16, de
             # one tensor at a time: a cast/permute/join makes at most one transient copy of this tensor
             if key not in quantized:
                 state[key] = ckpt.fetch(key, dtype, device)
+            elif quantized[key] == "NF4":  # a bnb-4bit file's blocks as they are (q/k: rows permuted on dequant)
+                owned = torch.device(device).type != "cpu"  # CPU: views of the mapped file, nothing converted
+                packed[key] = nf4_quantized_weight(ckpt.read_nf4(key, owned), dtype, ops, device,
+                                                   ckpt.nf4[key].row_heads)
             elif quantized[key] is not None:  # gguf: the file's blocks as they are
                 packed[key] = QuantizedWeight(quantized[key], ckpt.specs[key][0], dtype,
                                               {"blocks": ckpt.gguf.read_blocks(key).to(device)}, ops=ops)

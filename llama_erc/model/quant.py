@@ -7,7 +7,9 @@
                         weights llama.cpp serves from that file.
     --base_quant nf4    the seven linears of every block quantized at load, tensor by tensor, to NF4 (QLoRA;
     --base_quant q8_0   bitsandbytes' layout, kernels/reference_nf4.py) or to GGUF Q8_0; embedding, output and
-                        norms stay in the compute dtype, as QLoRA keeps them.
+                        norms stay in the compute dtype, as QLoRA keeps them. On a `*-bnb-4bit` checkpoint
+                        (transformers + bitsandbytes NF4, model/forms.py) nf4 keeps the file's own NF4 blocks
+                        instead, never requantizing, and what the file holds dense stays dense.
 
 A QuantizedWeight is a module whose packed tensors are parameters with requires_grad=False (not buffers: DDP
 re-broadcasts buffers every step, and these never change), with its format, shape and compute dtype. It stands
@@ -19,7 +21,14 @@ checkpointing.
 
 Exactness: dequantization is fp32 math rounded once into the compute dtype, the same function as the GGUF
 loader's dequantize-at-load path (gguf.quants), so a `gguf` model computes bit for bit what the `none` model of
-the same file computes.
+the same file computes; likewise for a bnb-4bit file (forms.py dequantizes it at load with
+dequantize_nf4_chunked, the same math).
+
+HF q/k row order (bnb-4bit files): HF stores q_proj/k_proj rows in rotate-half order, and our attention needs
+Meta's interleaved order (model/hf_keys.py). A row permutation cannot be applied to NF4 bytes exactly in general
+(64-element blocks and 256-block nested groups cross row boundaries), so such a QuantizedWeight keeps the file's
+bytes in HF order and carries `row_heads`: dequantize() returns permute_to_meta(W, row_heads), a pure copy of
+the dequantized rows (exact; one gather per dequantization, no extra tensor or state-dict key).
 """
 from __future__ import annotations
 
@@ -30,12 +39,34 @@ from torch import Tensor, nn
 
 from llama_erc.kernels import REFERENCE_OPS, Ops, dequant_linear
 from llama_erc.kernels.reference_gguf import GGUF_BLOCKS, dequantize_gguf, quantize_q8_0
-from llama_erc.kernels.reference_nf4 import NF4Weight, quantize_nf4
+from llama_erc.kernels.reference_nf4 import (NESTED_BLOCK, NF4_BLOCK, NF4Weight, check_nf4_weight, dequantize_nf4,
+                                             quantize_nf4)
+from llama_erc.model.hf_keys import permute_to_meta
 
 BASE_QUANT = ("none", "gguf", "nf4", "q8_0")
 QUANTIZED_AT_LOAD = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # what nf4 / q8_0 quantize: the block linears
 _NF4_FIELDS = ("packed", "absmax_codes", "nested_absmax", "nested_code")
 _TWIN_CHUNK = 1 << 20  # elements per call of the pure-torch GGUF twin (see QuantizedWeight.dequantize)
+_NF4_GROUP = NF4_BLOCK * NESTED_BLOCK  # 16384 elements: one nested absmax's span, so chunks cut no group
+
+
+def dequantize_nf4_chunked(q: NF4Weight, dtype: torch.dtype, chunk: int = 64 * _NF4_GROUP) -> Tensor:
+    """reference_nf4.dequantize_nf4(q, dtype), filled `chunk` elements at a time (a multiple of 16384, so every
+    chunk is whole 64-element blocks and whole 256-block nested groups): the same elementwise fp32 math, so the
+    same bits, with fp32/int64 temporaries of one chunk instead of several times the whole weight."""
+    check_nf4_weight(q)
+    if chunk <= 0 or chunk % _NF4_GROUP:
+        raise ValueError(f"chunk must be a positive multiple of {_NF4_GROUP}, got {chunk}")
+    n = q.numel
+    if n <= chunk:
+        return dequantize_nf4(q, dtype)
+    out = torch.empty(n, dtype=dtype, device=q.packed.device)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        part = NF4Weight(q.packed[s // 2:-(-e // 2)], q.absmax_codes[s // NF4_BLOCK:-(-e // NF4_BLOCK)],
+                         q.nested_absmax[s // _NF4_GROUP:-(-e // _NF4_GROUP)], q.nested_code, q.offset, (e - s,))
+        out[s:e] = dequantize_nf4(part, dtype)
+    return out.view(q.shape)
 
 
 class QuantizedWeight(nn.Module):
@@ -43,12 +74,21 @@ class QuantizedWeight(nn.Module):
 
     GGUF: `blocks` uint8 (rows, bytes per row), every row whole blocks (GGUF requires it), so rows can be
     gathered. NF4: bitsandbytes' fields (reference_nf4.NF4Weight) over the row-major flattened weight.
+    row_heads (NF4 only): the packed rows are in HF's rotate-half q/k order of that many heads (a bnb-4bit file's
+    q_proj/k_proj, kept byte for byte); dequantize() returns them in Meta's order, permute_to_meta(W, row_heads).
     """
 
     def __init__(self, fmt: str, shape: tuple[int, ...], dtype: torch.dtype, tensors: dict[str, Tensor],
-                 offset: float = 0.0, ops: Ops = REFERENCE_OPS):
+                 offset: float = 0.0, ops: Ops = REFERENCE_OPS, row_heads: int | None = None):
         super().__init__()
         self.fmt, self.shape, self.dtype, self.offset, self.ops = fmt, tuple(shape), dtype, float(offset), ops
+        self.row_heads = row_heads
+        if row_heads is not None:
+            if fmt != "NF4":
+                raise ValueError(f"row_heads is for NF4 weights kept in HF's q/k row order, not {fmt}")
+            if len(self.shape) != 2 or row_heads < 1 or self.shape[0] % (2 * row_heads):
+                raise ValueError(f"row_heads {row_heads} does not split the {self.shape} weight's rows into heads "
+                                 "of rotary pairs")
         if fmt == "NF4":
             names = _NF4_FIELDS
         elif fmt in GGUF_BLOCKS:
@@ -85,7 +125,10 @@ class QuantizedWeight(nn.Module):
                 raise ValueError("row gathering is for GGUF blocks; NF4 quantizes whole linears only")
             q = NF4Weight(self.packed, self.absmax_codes, self.nested_absmax, self.nested_code, self.offset,
                           self.shape)
-            return self.ops.dequant_nf4(q, dtype)
+            # the twin, chunked: the same bits with temporaries of one chunk (as for GGUF below)
+            w = dequantize_nf4_chunked(q, dtype) if self.ops.dequant_nf4 is dequantize_nf4 else \
+                self.ops.dequant_nf4(q, dtype)
+            return w if self.row_heads is None else permute_to_meta(w, self.row_heads)
         data = self.blocks if rows is None else self.blocks[rows]  # (rows, bytes per row)
         n, cols = data.shape[0], self.shape[1]
         if self.ops.dequant_gguf is not dequantize_gguf or n * cols <= _TWIN_CHUNK:
@@ -103,7 +146,8 @@ class QuantizedWeight(nn.Module):
         return dequant_linear(x, self)
 
     def extra_repr(self) -> str:
-        return f"{self.fmt}, shape={self.shape}, dtype={self.dtype}, {self.nbytes:,} bytes"
+        rows = "" if self.row_heads is None else f", HF q/k rows of {self.row_heads} heads"
+        return f"{self.fmt}, shape={self.shape}, dtype={self.dtype}, {self.nbytes:,} bytes{rows}"
 
 
 class QuantLinear(nn.Module):
@@ -131,11 +175,19 @@ class QuantEmbedding(nn.Module):
         return rows.view(*tokens.shape, self.weight.shape[1])
 
 
+def nf4_quantized_weight(q: NF4Weight, dtype: torch.dtype, ops: Ops = REFERENCE_OPS,
+                         device: str | torch.device | None = None, row_heads: int | None = None) -> QuantizedWeight:
+    """A QuantizedWeight holding q's tensors as they are (moved to device if given): a bnb-4bit file's NF4 blocks
+    (row_heads: HF q/k rows, see QuantizedWeight) or quantize_nf4's."""
+    check_nf4_weight(q)
+    tensors = {n: getattr(q, n) if device is None else getattr(q, n).to(device) for n in _NF4_FIELDS}
+    return QuantizedWeight("NF4", q.shape, dtype, tensors, q.offset, ops, row_heads=row_heads)
+
+
 def quantize_weight(w: Tensor, base_quant: str, dtype: torch.dtype, ops: Ops = REFERENCE_OPS) -> QuantizedWeight:
     """Quantize one float weight (out, in) to NF4 or Q8_0 (from its fp32 values), packed on w's device."""
     if base_quant == "nf4":
-        q = quantize_nf4(w)
-        return QuantizedWeight("NF4", tuple(w.shape), dtype, {n: getattr(q, n) for n in _NF4_FIELDS}, q.offset, ops)
+        return nf4_quantized_weight(quantize_nf4(w), dtype, ops)
     if base_quant == "q8_0":
         if w.dim() != 2 or w.shape[1] % 32:
             raise ValueError(f"q8_0 quantizes rows of whole 32-element blocks; a weight of shape {tuple(w.shape)} "

@@ -195,3 +195,78 @@ def tokens_for(spec: TinySpec, batch: int = 2, length: int | None = None, seed: 
     """(batch, length) random ids; length defaults to 13, LLAMA3_SEQ_LEN for Llama 3 specs."""
     length = length or (13 if spec.rope is None else LLAMA3_SEQ_LEN)
     return torch.randint(0, spec.vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# bitsandbytes 4-bit (`*-bnb-4bit`): the linears transformers' bnb quantizer replaces by Linear4bit (every nn.Linear
+# but the output head, by default)
+BNB_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def bnb_quantization_config(**overrides) -> dict:
+    """config.json's quantization_config as transformers 5.25 + bitsandbytes 0.50.2 wrote it for
+    BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=torch.bfloat16) (a real save_pretrained, compared key for key)."""
+    qc = {"_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "bfloat16",
+          "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+          "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+          "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False,
+          "quant_method": "bitsandbytes"}
+    qc.update(overrides)
+    return qc
+
+
+def bnb_4bit_tensors(name: str, w: torch.Tensor, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """One Linear4bit weight as transformers saves it (bitsandbytes QuantState.as_dict(packed=True) under
+    `<name>.`): quantized with reference_nf4.quantize_nf4 (bitsandbytes' layout; the same bytes as bitsandbytes'
+    CPU quantizer up to its documented nested-absmax ties). `dtype`: the quant_state's original dtype string."""
+    from llama_erc.kernels.reference_nf4 import NF4_CODE, quantize_nf4
+    q = quantize_nf4(w)
+    state = {"quant_type": "nf4", "blocksize": 64, "dtype": dtype, "shape": list(w.shape), "nested_blocksize": 256,
+             "nested_dtype": "float32", "nested_offset": q.offset}  # bitsandbytes' key order; json.dumps defaults
+    return {name: q.packed.view(-1, 1).clone(), f"{name}.absmax": q.absmax_codes.clone(),
+            f"{name}.nested_absmax": q.nested_absmax.clone(), f"{name}.nested_quant_map": q.nested_code.clone(),
+            f"{name}.quant_map": NF4_CODE.clone(),
+            f"{name}.quant_state.bitsandbytes__nf4": torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)}
+
+
+def save_bnb_4bit(model: LlamaForCausalLM, path: Path, skip: tuple[str, ...] = (), n_shards: int = 1,
+                  dtype: str = "float32", **qc_overrides) -> dict[str, torch.Tensor]:
+    """A `*-bnb-4bit` checkpoint of `model` at path: config.json with quantization_config, the block linears as
+    bitsandbytes NF4 tensors (bnb_4bit_tensors' keys), everything else (embedding, norms, lm_head, and the modules in
+    `skip`, e.g. "model.layers.1.mlp.down_proj", listed as llm_int8_skip_modules) dense. n_shards > 1 writes
+    model-0000i-of-0000n.safetensors + model.safetensors.index.json. Returns the HF state dict the file
+    dequantizes to (reference_nf4.dequantize_nf4 of each quantized weight, fp32), for a dense reference model."""
+    from safetensors.torch import save_file
+    from llama_erc.kernels.reference_nf4 import NF4Weight, dequantize_nf4
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = bnb_quantization_config(
+        llm_int8_skip_modules=["lm_head", *skip] if skip else None, **qc_overrides)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    tensors, deq = {}, {}
+    for k, v in model.state_dict().items():
+        if model.config.tie_word_embeddings and k == "lm_head.weight":
+            continue
+        module = k.removesuffix(".weight")
+        if k.endswith(".weight") and module.split(".")[-1] in BNB_LINEARS and module not in skip:
+            t = bnb_4bit_tensors(k, v, dtype)
+            tensors.update(t)
+            st = json.loads(bytes(t[f"{k}.quant_state.bitsandbytes__nf4"].tolist()))
+            deq[k] = dequantize_nf4(NF4Weight(t[k].view(-1), t[f"{k}.absmax"], t[f"{k}.nested_absmax"],
+                                              t[f"{k}.nested_quant_map"], st["nested_offset"], tuple(st["shape"])))
+        else:
+            tensors[k] = v.detach().clone().contiguous()
+            deq[k] = tensors[k]
+    names = sorted(tensors)
+    if n_shards == 1:
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i in range(n_shards):
+            fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+            part = {k: tensors[k] for k in names[i::n_shards]}
+            save_file(part, path / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in part})
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return deq
