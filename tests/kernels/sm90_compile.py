@@ -23,15 +23,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 rms_norm_module = importlib.import_module("llama_erc.kernels.rms_norm")
 swiglu_module = importlib.import_module("llama_erc.kernels.swiglu")
 rope_module = importlib.import_module("llama_erc.kernels.rope")
+add_rms_norm_module = importlib.import_module("llama_erc.kernels.add_rms_norm")
+dequant_gguf_module = importlib.import_module("llama_erc.kernels.dequant_gguf")
+dequant_nf4_module = importlib.import_module("llama_erc.kernels.dequant_nf4")
+from llama_erc.kernels._utils import num_warps_for, rows_per_tile  # noqa: E402
+from llama_erc.kernels.reference_gguf import GGUF_BLOCKS  # noqa: E402
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _usage(kernel, pointers: dict, constexprs: dict, num_warps: int) -> dict:
+def _usage(kernel, pointers: dict, constexprs: dict, num_warps: int, fp_fusion: bool = True) -> dict:
     """Registers and spill bytes; unit strides are constexprs, as Triton specialises them at launch."""
-    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n == "eps" else "i32")
+    sig = {n: "constexpr" if n in constexprs else pointers.get(n, "fp32" if n in ("eps", "offset") else "i32")
            for n in kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "enable_fp_fusion": fp_fusion})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -49,11 +55,17 @@ def main() -> int:
                            dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", rstd_ptr="*fp32"),
                            dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, stride_xn=1, stride_w=1), num_warps))
         for has_dw in (False, True):
-            rows.append(_usage(rms_norm_module._rms_norm_bwd_kernel,
-                               dict(dy_ptr="*bf16", x_ptr="*bf16", w_ptr="*bf16", rstd_ptr="*fp32", dx_ptr="*bf16",
-                                    dw_ptr="*fp32"),
-                               dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_DX=True, HAS_DW=has_dw, stride_xn=1,
-                                    stride_dyn=1, stride_w=1), num_warps))
+            for has_dres in (False, True):  # with dres: add_rms_norm's backward (the residual stream's gradient)
+                rows.append(_usage(rms_norm_module._rms_norm_bwd_kernel,
+                                   dict(dy_ptr="*bf16", x_ptr="*bf16", w_ptr="*bf16", rstd_ptr="*fp32",
+                                        dres_ptr="*bf16", dx_ptr="*bf16", dw_ptr="*fp32"),
+                                   dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HAS_DX=True, HAS_DW=has_dw,
+                                        HAS_DRES=has_dres, stride_xn=1, stride_dyn=1, stride_w=1, stride_drn=1),
+                                   num_warps))
+        rows.append(_usage(add_rms_norm_module._add_rms_norm_fwd_kernel,
+                           dict(x_ptr="*bf16", r_ptr="*bf16", w_ptr="*bf16", h_ptr="*bf16", y_ptr="*bf16",
+                                rstd_ptr="*fp32"),
+                           dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, stride_xn=1, stride_rn=1, stride_w=1), num_warps))
     BLOCK_M, BLOCK_F, _, num_warps = swiglu_module._launch_config(4096, 11008)
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, stride_gf=1, stride_uf=1)
     rows.append(_usage(swiglu_module._swiglu_fwd_kernel, dict(g_ptr="*bf16", u_ptr="*bf16", y_ptr="*bf16"),
@@ -68,6 +80,19 @@ def main() -> int:
                                dict(x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", y_ptr="*bf16"),
                                dict(BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, BACKWARD=backward,
                                     stride_xd=1, stride_cp=1, stride_sp=1), num_warps))
+    n_elems = 11008 * 4096  # one 7B FFN weight
+    for ggml_type, (kernel, extra) in dequant_gguf_module.KERNELS.items():
+        elems, nbytes = GGUF_BLOCKS[ggml_type]
+        blocks = rows_per_tile(elems, n_elems // elems)
+        rows.append(_usage(kernel, dict(q_ptr="*u8", y_ptr="*bf16"),
+                           dict(BLOCKS=blocks, BYTES=nbytes, ELEMS=elems, **extra), num_warps_for(blocks * elems),
+                           fp_fusion=False))
+    block_bytes = dequant_nf4_module.TILE_BYTES
+    rows.append(_usage(dequant_nf4_module._dequant_nf4_kernel,
+                       dict(packed_ptr="*u8", absmax_code_ptr="*u8", nested_absmax_ptr="*fp32",
+                            nested_code_ptr="*fp32", nf4_ptr="*fp32", y_ptr="*bf16", n_bytes="i64", n="i64"),
+                       dict(BLOCK_BYTES=block_bytes, NF4_BLOCK=64, NESTED_BLOCK=256),
+                       num_warps_for(2 * block_bytes), fp_fusion=False))
     print(json.dumps(rows))
     return 0
 
