@@ -42,7 +42,7 @@ check)
       $PY -c 'import torch, triton, transformers, peft; print("torch", torch.__version__, "triton", triton.__version__,
 "transformers", transformers.__version__, "peft", peft.__version__, torch.cuda.get_device_name())'; } 2>&1 | tee -a "$log"
     run 240 $PY -m pytest -q -p no:cacheprovider -m gpu tests
-    run 180 $PY -m llama_erc.benchmarks.kernels --out "$OUT/kernels.json"
+    run 200 $PY -m llama_erc.benchmarks.kernels --reps 30 --out "$OUT/kernels.json"  # 3 repeats x 30 calls, profiled + host-timed
     run 120 $PY -m llama_erc.benchmarks.train_memory --out "$OUT/train_memory.json"
     run 120 $PY -m llama_erc.benchmarks.train_memory --checkpointing selective --out "$OUT/train_memory_selective.json"
     ;;

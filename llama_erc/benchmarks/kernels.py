@@ -1,6 +1,7 @@
 """Kernel benchmark: Triton vs eager PyTorch (the reference ops) vs torch.compile of the reference.
 
-    python -m llama_erc.benchmarks.kernels [--out results.json] [--reps 100] [--compile auto|on|off] [--smoke]
+    python -m llama_erc.benchmarks.kernels [--out results.json] [--reps 100] [--repeats 3] [--compile auto|on|off]
+                                           [--smoke]
 
 Times forward, backward and forward+backward of each op at LLaMA-2-7B training shapes (8 x 512 tokens, hidden
 4096, FFN 11008, 32 heads x 128) in bf16, with inputs that require grad as in training. The RMSNorm weight is
@@ -13,18 +14,39 @@ lists each op's passes). They unpack one LLaMA-2-7B FFN weight (11008 x 4096; sm
 blocks) into bf16: GGUF from random blocks with small finite f16 scales, NF4 quantized from a random weight by
 reference_nf4.quantize_nf4. Before timing, each implementation's output is checked against the eager twin's
 (the Triton kernel bit for bit, torch.compile to within one bf16 ulp); a mismatch stops the benchmark.
-Timing: on CUDA, CUDA events around each call, the L2 cache flushed before each (a 256 MB write), the median
-of --reps runs; backward alone is torch.autograd.grad on a retained graph. On CPU it runs a tiny smoke size
-with wall-clock timing (under the interpreter when TRITON_INTERPRET=1), without torch.compile by default.
+
+What is timed, and how. Each (op, impl, pass) row is measured --repeats times (default 3); each repeat runs
+--reps calls (default 100) and the row reports the median with the min and max over the repeats (the spread):
+- device_us: the device time of one call. On CUDA, torch.profiler (CUPTI) records the N calls and device_us is
+  the sum of the durations of the device events (kernels, memsets, memcpys) divided by N; kernels_per_call is
+  their count / N. Host-side work (Python, autograd, Triton's launcher checks) is not in it, and gaps between
+  kernels are not counted. On CPU there is no device timeline: device_us is the profiler's self CPU time of the
+  recorded ops (the whole call, Python included) / N, kernels_per_call the top-level ops per call, and the JSON
+  says timer "cpu-profiler". Under TRITON_INTERPRET=1 the Triton rows run in the interpreter: the CPU rows only
+  exercise the code path and are meaningless as speed.
+- host_us: wall time of the Python call, N calls in a loop without a synchronization inside it (on CUDA one
+  synchronize before and one after, outside the timed loop), divided by N; it is its own column, not mixed into
+  device_us. If the device is slower than the host the launch queue can fill, so host_us is an upper bound
+  on the host cost only for ops whose device_us is below it.
+- Inputs rotate over K pre-made buffer sets (each input cloned K times; for bwd, K retained graphs) so that a
+  call does not find its inputs in L2: on CUDA K is the smallest count of sets whose bytes exceed an assumed
+  64 MB L2 (at least 2), on CPU K = 2. This replaces the zeroing flush between calls.
+- The ceiling: a device-to-device copy moving the row's bytes (half read, half written), rotated the same way
+  and timed by the same timer; copy_us is its device_us and "% copy" = copy_us / device_us (100% = as fast as
+  a copy of the same size). GB/s is bytes / device_us.
+- The trained ops' rows all go through autograd, labelled through_autograd: the fwd row calls the op with
+  inputs that require grad (the autograd.Function saves what backward needs), bwd is torch.autograd.grad on a
+  retained graph, fwd+bwd is the forward then torch.autograd.grad; the dequant rows are direct calls.
 GB/s counts the bytes the op must move, each input read once and each output written once (saved
 intermediates such as rstd are not counted), for every implementation alike; for dequant, the quantized
 weight's bytes read (NF4: packed codes, absmax codes, nested absmax and the 256-entry nested map) plus the bf16
-output written. "% copy" divides by the device-to-device copy bandwidth measured here (bytes read + written by
-a large tensor copy).
+output written. The report's copy_gbs is the bandwidth of a 256 MiB copy (smoke: 16 MiB) under the same timer.
+On CPU it runs a tiny smoke size (under the interpreter when TRITON_INTERPRET=1), without torch.compile by default.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -37,6 +59,8 @@ from typing import Callable
 import torch
 import triton
 from torch import Tensor
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from llama_erc.benchmarks.provenance import source_commit
 from llama_erc.kernels import REFERENCE, add_rms_norm, apply_rope, rms_norm, swiglu
@@ -49,7 +73,9 @@ FULL = dict(tokens=(8, 512), dim=4096, ffn=11008, heads=32, head_dim=128, dequan
 SMOKE = dict(tokens=(2, 8), dim=64, ffn=176, heads=4, head_dim=16, dequant=(64, 256))
 # the GGUF types benchmarked, each with the byte offsets of its blocks' f16 fields (d; then m or dmin)
 GGUF_F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-FLUSH_BYTES = 256 << 20  # larger than any GPU's L2 (50 MB on H100), so every run reads from HBM
+L2_BYTES = 64 << 20  # assumed L2 size (H100: 50 MB, H200: 60 MB): the rotating input sets together exceed it
+MAX_SETS = 64  # at most this many rotating buffer sets (tiny ops)
+CALL_RANGE = "bench::call"  # the profiler range around each call on CPU
 
 
 def random_gguf_blocks(ggml_type: str, n_blocks: int, g: torch.Generator) -> Tensor:
@@ -115,41 +141,103 @@ def _cases(shape: dict, dtype: torch.dtype, device: str) -> list[dict]:
     ] + _dequant_cases(shape["dequant"], dtype, device, g)
 
 
-def _timer(device: str, reps: int, warmup: int) -> Callable[[Callable[[], object]], float]:
-    """Returns time_ms(fn): median milliseconds of one call of fn."""
-    if device == "cuda":
-        flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
+def rotation_count(set_bytes: int, device: str, l2_bytes: int = L2_BYTES) -> int:
+    """How many buffer sets of set_bytes each to rotate over: on CUDA the fewest (at least 2, at most MAX_SETS)
+    whose bytes together exceed l2_bytes, so each call reads its inputs from HBM; on CPU 2."""
+    if device != "cuda":
+        return 2
+    return min(MAX_SETS, max(2, l2_bytes // max(1, set_bytes) + 1))
 
-        def time_cuda(fn):
-            for _ in range(warmup):
-                fn()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-            for start, end in events:
-                flush.zero_()  # evict the inputs from L2; the GPU is busy here while the CPU queues fn
-                start.record()
-                fn()
-                end.record()
+
+def clone_args(args: tuple) -> tuple:
+    """A fresh copy of an argument tuple: tensors cloned (keeping requires_grad), NF4Weight's tensors cloned,
+    everything else (dtypes, shapes, names, floats) shared."""
+    def one(a):
+        if isinstance(a, Tensor):
+            return a.detach().clone().requires_grad_(a.requires_grad)
+        if isinstance(a, NF4Weight):
+            return dataclasses.replace(a, **{f.name: one(getattr(a, f.name)) for f in dataclasses.fields(a)
+                                             if isinstance(getattr(a, f.name), Tensor)})
+        return a
+    return tuple(one(a) for a in args)
+
+
+def _spread(values: list[float]) -> dict:
+    return dict(median=statistics.median(values), min=min(values), max=max(values))
+
+
+class KernelTimer:
+    """measure(call) times call(i), i = 0, 1, ..., which uses buffer set i % K: the median, min and max over
+    `repeats` repeats of device time per call (torch.profiler; on CPU the profiler's self CPU time) and of host
+    wall time per call, each repeat `calls` calls; see the module docstring."""
+
+    def __init__(self, device: str, calls: int, warmup: int, repeats: int):
+        self.device, self.calls, self.warmup, self.repeats = device, calls, warmup, repeats
+        self.cuda = device == "cuda"
+        self.name = "torch.profiler device (CUPTI) kernel time" if self.cuda else "cpu-profiler"
+
+    def _sync(self) -> None:
+        if self.cuda:
             torch.cuda.synchronize()
-            return statistics.median(s.elapsed_time(e) for s, e in events)
-        return time_cuda
 
-    def time_wall(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    return time_wall
+    def profile_once(self, call: Callable[[int], object]) -> tuple[float, float]:
+        """(device us per call, device events per call) over self.calls calls."""
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self._sync()
+        with profile(activities=activities) as prof:
+            for i in range(self.calls):
+                if self.cuda:
+                    call(i)
+                else:
+                    with record_function(CALL_RANGE):
+                        call(i)
+            self._sync()
+        events = prof.events()
+        if self.cuda:
+            dev = [e for e in events if e.device_type == DeviceType.CUDA]
+            if not dev:
+                raise RuntimeError("torch.profiler recorded no CUDA device events; cannot time kernels")
+            total, count = sum(e.time_range.elapsed_us() for e in dev), len(dev)
+        else:
+            total = sum(e.self_cpu_time_total for e in events)
+            count = sum(1 for e in events if e.cpu_parent is not None and e.cpu_parent.name == CALL_RANGE)
+        return total / self.calls, count / self.calls
+
+    def host_once(self, call: Callable[[int], object]) -> float:
+        """Wall microseconds per call over self.calls calls, no synchronization inside the loop."""
+        self._sync()
+        t0 = time.perf_counter()
+        for i in range(self.calls):
+            call(i)
+        t1 = time.perf_counter()
+        self._sync()
+        return (t1 - t0) * 1e6 / self.calls
+
+    def measure(self, call: Callable[[int], object]) -> dict:
+        for i in range(self.warmup):
+            call(i)
+        dev, kern, host = [], [], []
+        for _ in range(self.repeats):
+            d, k = self.profile_once(call)
+            dev.append(d)
+            kern.append(k)
+            host.append(self.host_once(call))
+        d, h = _spread(dev), _spread(host)
+        return dict(device_us=d["median"], device_us_min=d["min"], device_us_max=d["max"], device_us_runs=dev,
+                    host_us=h["median"], host_us_min=h["min"], host_us_max=h["max"], host_us_runs=host,
+                    kernels_per_call=statistics.median(kern), repeats=self.repeats, calls=self.calls)
 
 
-def copy_bandwidth_gbs(device: str, nbytes: int, time_ms) -> float:
-    """Device-to-device copy: (bytes read + bytes written) / time, in GB/s."""
-    src = torch.empty(nbytes, dtype=torch.int8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (time_ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+def copy_ceiling(nbytes: int, device: str, timer: KernelTimer) -> dict:
+    """The ceiling for an op moving nbytes: a device-to-device copy of nbytes // 2 bytes (so nbytes read +
+    written), rotating over buffer pairs like the op's inputs, timed by `timer`. Returns its measure() dict
+    plus bytes, rotating_buffers and gbs (from device time)."""
+    n = max(1, nbytes // 2)
+    k = rotation_count(2 * n, device)
+    src = [torch.full((n,), 1, dtype=torch.int8, device=device) for _ in range(k)]
+    dst = [torch.empty_like(s) for s in src]
+    m = timer.measure(lambda i: dst[i % k].copy_(src[i % k]))
+    return dict(m, bytes=2 * n, rotating_buffers=k, gbs=2 * n / (m["device_us"] * 1e-6) / 1e9)
 
 
 def check_outputs(case: dict, impls: dict[str, Callable]) -> None:
@@ -174,17 +262,25 @@ def check_outputs(case: dict, impls: dict[str, Callable]) -> None:
                                f"{got.numel()} values; not timing a wrong implementation")
 
 
-def _passes(fn: Callable, case: dict) -> dict[str, Callable[[], object]]:
-    """fwd, bwd (on a retained graph) and fwd+bwd closures of one implementation; fwd alone for a forward-only
-    case (bwd_bytes None). An op with several outputs (a tuple) gets a gradient for each."""
-    args, wrt = case["args"], case["wrt"]
+def _passes(fn: Callable, case: dict, sets: list[tuple] | None = None) -> dict[str, Callable[[int], object]]:
+    """fwd, bwd (on a retained graph) and fwd+bwd closures of one implementation, each taking a call index i and
+    using input set i % len(sets) (default: the case's own args only); fwd alone for a forward-only case
+    (bwd_bytes None). An op with several outputs (a tuple) gets a gradient for each."""
+    sets = sets or [case["args"]]
+    k = len(sets)
     if case["bwd_bytes"] is None:
-        return {"fwd": lambda: fn(*args)}
-    y = fn(*args)
-    dy = tuple(torch.randn_like(t) for t in y) if isinstance(y, tuple) else torch.randn_like(y)
-    return {"fwd": lambda: fn(*args),
-            "bwd": lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True),
-            "fwd+bwd": lambda: torch.autograd.grad(fn(*args), wrt, dy)}
+        return {"fwd": lambda i: fn(*sets[i % k])}
+    pos = [next(j for j, a in enumerate(case["args"]) if a is t) for t in case["wrt"]]
+    wrts = [tuple(s[j] for j in pos) for s in sets]
+    ys = [fn(*s) for s in sets]
+    dys = [tuple(torch.randn_like(t) for t in y) if isinstance(y, tuple) else torch.randn_like(y) for y in ys]
+    return {"fwd": lambda i: fn(*sets[i % k]),
+            "bwd": lambda i: torch.autograd.grad(ys[i % k], wrts[i % k], dys[i % k], retain_graph=True),
+            "fwd+bwd": lambda i: torch.autograd.grad(fn(*sets[i % k]), wrts[i % k], dys[i % k])}
+
+
+VIA = {"fwd": "forward, inputs require grad (autograd.Function records the graph)",
+       "bwd": "torch.autograd.grad on a retained graph", "fwd+bwd": "forward, then torch.autograd.grad"}
 
 
 def _pass_bytes(case: dict, pass_name: str) -> int:
@@ -193,11 +289,12 @@ def _pass_bytes(case: dict, pass_name: str) -> int:
     return case["bwd_bytes"] + (case["fwd_bytes"] if pass_name == "fwd+bwd" else 0)
 
 
-def run(smoke: bool, reps: int, warmup: int, use_compile: bool, device: str) -> dict:
+def run(smoke: bool, reps: int, warmup: int, use_compile: bool, device: str, repeats: int = 3) -> dict:
     shape = SMOKE if smoke else FULL
     dtype = torch.bfloat16
-    time_ms = _timer(device, reps, warmup)
-    copy_gbs = copy_bandwidth_gbs(device, (16 << 20) if smoke else (1 << 30), time_ms)
+    timer = KernelTimer(device, reps, warmup, repeats)
+    big = copy_ceiling((32 << 20) if smoke else (512 << 20), device, timer)  # a 16 / 256 MiB copy
+    ceilings: dict[int, dict] = {}  # bytes -> the same-size copy, measured once per size
     results, ops = [], {}
     for case in _cases(shape, dtype, device):
         kernel, reference = case["fns"]
@@ -206,17 +303,26 @@ def run(smoke: bool, reps: int, warmup: int, use_compile: bool, device: str) -> 
             impls["compile"] = torch.compile(reference)
         if case.get("check"):
             check_outputs(case, impls)
+        k = rotation_count(case["fwd_bytes"] + (case["bwd_bytes"] or 0), device)
+        sets = [case["args"]] + [clone_args(case["args"]) for _ in range(k - 1)]
+        trained = case["bwd_bytes"] is not None
         rows = []
         for impl, fn in impls.items():
-            for pass_name, call in _passes(fn, case).items():
-                ms = time_ms(call)
+            for pass_name, call in _passes(fn, case, sets).items():
+                m = timer.measure(call)
                 nbytes = _pass_bytes(case, pass_name)
-                gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append({"op": case["op"], "shape": case["shape"], "impl": impl, "pass": pass_name, "ms": ms,
-                             "bytes": nbytes, "gbs": gbs, "pct_copy": 100 * gbs / copy_gbs})
-        eager_ms = {r["pass"]: r["ms"] for r in rows if r["impl"] == "eager"}
+                if nbytes not in ceilings:
+                    ceilings[nbytes] = copy_ceiling(nbytes, device, timer)
+                copy_us = ceilings[nbytes]["device_us"]
+                rows.append({"op": case["op"], "shape": case["shape"], "impl": impl, "pass": pass_name,
+                             "through_autograd": trained, "via": VIA[pass_name] if trained else "direct call",
+                             **m, "ms": m["device_us"] * 1e-3, "rotating_buffers": k, "bytes": nbytes,
+                             "gbs": nbytes / (m["device_us"] * 1e-6) / 1e9, "copy_us": copy_us,
+                             "copy_rotating_buffers": ceilings[nbytes]["rotating_buffers"],
+                             "pct_copy": 100 * copy_us / m["device_us"]})
+        eager_us = {r["pass"]: r["device_us"] for r in rows if r["impl"] == "eager"}
         for r in rows:
-            r["speedup_vs_eager"] = eager_ms[r["pass"]] / r["ms"]
+            r["speedup_vs_eager"] = eager_us[r["pass"]] / r["device_us"]
         results += rows
         ops[case["op"]] = dict(shape=case["shape"], passes=list(dict.fromkeys(r["pass"] for r in rows)),
                                checked_vs_eager=bool(case.get("check")))
@@ -225,19 +331,32 @@ def run(smoke: bool, reps: int, warmup: int, use_compile: bool, device: str) -> 
         device_type=device, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
         git_commit=source_commit(), interpreter=os.environ.get("TRITON_INTERPRET") == "1", smoke=smoke,
-        dtype=str(dtype).removeprefix("torch."), shapes=shape, reps=reps, warmup=warmup,
-        timer="cuda-events, L2 flushed, median" if device == "cuda" else "wall-clock, median",
-        copy_gbs=copy_gbs, ops=ops, results=results)
+        dtype=str(dtype).removeprefix("torch."), shapes=shape, reps=reps, calls=reps, repeats=repeats,
+        warmup=warmup, timer=timer.name, l2_bytes_assumed=L2_BYTES if device == "cuda" else None,
+        rotation="inputs rotate over K buffer sets exceeding the assumed L2 (CPU: K = 2); no flush",
+        copy_gbs=big["gbs"], copy_bytes=big["bytes"], ops=ops, results=results)
+
+
+def _us(v: float) -> str:
+    return f"{v:.1f}" if v < 1e3 else f"{v:.0f}"
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['device']} | torch {report['torch']} | triton {report['triton']} | "
-             f"copy {report['copy_gbs']:.0f} GB/s | {report['timer']}",
-             f"{'op':<12} {'shape':<16} {'impl':<8} {'pass':<8} {'time':>10} {'GB/s':>8} {'% copy':>7} {'vs eager':>9}"]
+    lines = [f"{report['device']} | torch {report['torch']} | triton {report['triton']} | timer {report['timer']} | "
+             f"{report.get('repeats', 1)} repeats x {report.get('calls', report.get('reps'))} calls, median "
+             f"[min-max] | copy {report['copy_gbs']:.0f} GB/s",
+             f"{'op':<12} {'shape':<16} {'impl':<8} {'pass':<8} {'dev us':>9} {'dev spread':>17} {'host us':>9} "
+             f"{'host spread':>17} {'kern':>5} {'GB/s':>8} {'% copy':>7} {'vs eager':>9} {'K':>3} autograd"]
     for r in report["results"]:
-        t = f"{r['ms'] * 1e3:.1f} us" if r["ms"] < 1 else f"{r['ms']:.3f} ms"
-        lines.append(f"{r['op']:<12} {r['shape']:<16} {r['impl']:<8} {r['pass']:<8} {t:>10} {r['gbs']:>8.1f} "
-                     f"{r['pct_copy']:>6.1f}% {r['speedup_vs_eager']:>8.2f}x")
+        dev_sp = f"[{_us(r['device_us_min'])}-{_us(r['device_us_max'])}]"
+        host_sp = f"[{_us(r['host_us_min'])}-{_us(r['host_us_max'])}]"
+        lines.append(f"{r['op']:<12} {r['shape']:<16} {r['impl']:<8} {r['pass']:<8} {_us(r['device_us']):>9} "
+                     f"{dev_sp:>17} {_us(r['host_us']):>9} {host_sp:>17} {r['kernels_per_call']:>5.1f} "
+                     f"{r['gbs']:>8.1f} {r['pct_copy']:>6.1f}% {r['speedup_vs_eager']:>8.2f}x "
+                     f"{r['rotating_buffers']:>3} {'yes' if r['through_autograd'] else 'no'}")
+    lines.append("dev us: device time per call (CPU: profiler self CPU time, not speed under the interpreter); host "
+                 "us: Python call wall time; kern: device events (CPU: top-level ops) per call; % copy: a same-size "
+                 "copy's device time / the op's; K: rotating input sets")
     fwd_only = [op for op, o in report.get("ops", {}).items() if o["passes"] == ["fwd"]]
     if fwd_only:
         lines.append(f"forward only, no bwd / fwd+bwd rows (frozen weight): {', '.join(fwd_only)}")
@@ -249,8 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here (default on CUDA: "
                    "benchmarks/results/kernels-<device>-<date>.json; on CPU: none)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (always on without CUDA)")
-    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 100, smoke 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10, smoke 1)")
+    p.add_argument("--reps", type=int, default=None, help="calls per repeat (default 100, smoke 3)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of each measurement, for the spread (default 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 10, smoke 1)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="also time torch.compile of the reference (auto: on CUDA only; slow to build on CPU)")
     args = p.parse_args(argv)
@@ -262,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or (3 if smoke else 100)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 10)
     use_compile = args.compile == "on" or (args.compile == "auto" and device == "cuda")
-    report = run(smoke, reps, warmup, use_compile, device)
+    report = run(smoke, reps, warmup, use_compile, device, repeats=max(1, args.repeats))
     print(format_table(report))
     out = args.out
     if out is None and device == "cuda" and not smoke:

@@ -28,17 +28,27 @@ def _dequant_bytes(op: str, rows: int, cols: int) -> int:
 
 def test_bench_smoke_writes_report(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--smoke", "--reps", "1", "--warmup", "0", "--compile", "off", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--reps", "1", "--repeats", "2", "--warmup", "0", "--compile", "off",
+                       "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    for key in ("device", "date", "torch", "triton", "git_commit", "copy_gbs", "shapes", "timer", "ops", "results"):
+    for key in ("device", "date", "torch", "triton", "git_commit", "copy_gbs", "shapes", "timer", "ops", "results",
+                "repeats", "calls"):
         assert key in report, key
-    assert report["copy_gbs"] > 0
+    assert report["copy_gbs"] > 0 and report["timer"] == "cpu-profiler" and report["repeats"] == 2
     rows = {(r["op"], r["impl"], r["pass"]) for r in report["results"]}
     assert rows == ({(op, impl, p) for op in TRAINED_OPS for impl in ("triton", "eager")
                      for p in ("fwd", "bwd", "fwd+bwd")}
                     | {(op, impl, "fwd") for op in DEQUANT_OPS for impl in ("triton", "eager")})
     for r in report["results"]:
         assert r["ms"] > 0 and r["bytes"] > 0 and r["gbs"] > 0 and r["pct_copy"] > 0 and r["speedup_vs_eager"] > 0
+        assert r["device_us"] > 0 and r["host_us"] > 0 and r["copy_us"] > 0, r
+        assert r["ms"] == pytest.approx(r["device_us"] * 1e-3)
+        assert r["pct_copy"] == pytest.approx(100 * r["copy_us"] / r["device_us"])
+        assert r["repeats"] == 2 and len(r["device_us_runs"]) == len(r["host_us_runs"]) == 2
+        for col in ("device_us", "host_us"):
+            assert r[col + "_min"] <= r[col] <= r[col + "_max"], (col, r)
+        assert r["kernels_per_call"] >= 0 and r["rotating_buffers"] >= 2 and r["copy_rotating_buffers"] >= 2
+        assert r["through_autograd"] == (r["op"] in TRAINED_OPS), r
     rows_, cols = report["shapes"]["dequant"]
     assert rows_ * cols % 256 == 0  # whole K-quant blocks
     for r in report["results"]:
@@ -75,6 +85,37 @@ def test_dequant_cases_kernel_matches_twin_bit_for_bit():
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), case["op"]
         assert case["fwd_bytes"] == _dequant_bytes(case["op"], *bench.SMOKE["dequant"])
         assert case["bwd_bytes"] is None and list(bench._passes(kernel, case)) == ["fwd"]
+
+
+def test_rotation_count_exceeds_l2_and_copy_ceiling_moves_the_bytes():
+    assert bench.rotation_count(10, "cpu") == 2 and bench.rotation_count(1 << 40, "cpu") == 2
+    for nbytes in (1, 1 << 20, 20 << 20, 33 << 20, 64 << 20, 1 << 30):
+        k = bench.rotation_count(nbytes, "cuda")
+        assert k >= 2 and (k * nbytes > bench.L2_BYTES or k == bench.MAX_SETS)
+        assert k == 2 or (k - 1) * nbytes <= bench.L2_BYTES  # the fewest sets that exceed L2
+    assert bench.rotation_count(20 << 20, "cuda", l2_bytes=50 << 20) == 3
+    timer = bench.KernelTimer("cpu", calls=2, warmup=0, repeats=3)
+    c = bench.copy_ceiling(1000, "cpu", timer)
+    assert c["bytes"] == 1000 and c["rotating_buffers"] == 2 and c["device_us"] > 0 and c["gbs"] > 0
+    assert c["repeats"] == 3 and c["device_us_min"] <= c["device_us"] <= c["device_us_max"]
+
+
+def test_passes_rotate_over_cloned_buffer_sets():
+    case = bench._cases(bench.SMOKE, torch.bfloat16, "cpu")[0]  # rms_norm, x requires grad, weight frozen
+    sets = [case["args"]] + [bench.clone_args(case["args"]) for _ in range(2)]
+    assert sets[1][0] is not sets[0][0] and torch.equal(sets[1][0], sets[0][0]) and sets[1][0].requires_grad
+    assert not sets[1][1].requires_grad and sets[1][2] == case["args"][2]
+    seen = []
+    passes = bench._passes(lambda *a: (seen.append(a[0]), a[0] * a[1])[1], case, sets)
+    seen.clear()
+    for i in range(3):
+        passes["fwd"](i)
+    assert [id(t) for t in seen] == [id(s[0]) for s in sets]
+    (gx,) = passes["bwd"](1)
+    assert gx.shape == sets[1][0].shape
+    q = _smoke_dequant_cases()[-1]["args"][0]
+    q2 = bench.clone_args((q,))[0]
+    assert q2.packed is not q.packed and torch.equal(q2.packed, q.packed) and q2.shape == q.shape
 
 
 def test_check_outputs_refuses_a_wrong_kernel():
