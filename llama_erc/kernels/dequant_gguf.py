@@ -81,24 +81,19 @@ def _dequant_q8_0_kernel(
 
 
 @triton.jit
-def _dequant_q4_0_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
-                         BLOCKS: tl.constexpr, BYTES: tl.constexpr, ELEMS: tl.constexpr):
+def _dequant_q4_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
+                       BLOCKS: tl.constexpr, BYTES: tl.constexpr, ELEMS: tl.constexpr,
+                       HAS_MIN: tl.constexpr):  # Q4_1: an f16 min m after d, added; Q4_0: codes centred on 8
     blk, ok, e = _tile(n_blocks, BLOCKS, ELEMS)
     src = q_ptr + blk * BYTES
     d = _load_f16(src, 0, ok)
-    q = (_load_u8(src, 2 + e % 16, ok) >> ((e // 16) * 4)) & 15  # low nibbles, then high nibbles
-    _store(y_ptr, blk, e, d * (q - 8).to(tl.float32), ok, ELEMS)
-
-
-@triton.jit
-def _dequant_q4_1_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
-                         BLOCKS: tl.constexpr, BYTES: tl.constexpr, ELEMS: tl.constexpr):
-    blk, ok, e = _tile(n_blocks, BLOCKS, ELEMS)
-    src = q_ptr + blk * BYTES
-    d = _load_f16(src, 0, ok)
-    m = _load_f16(src, 2, ok)
-    q = (_load_u8(src, 4 + e % 16, ok) >> ((e // 16) * 4)) & 15
-    _store(y_ptr, blk, e, d * q.to(tl.float32) + m, ok, ELEMS)
+    qs = 4 if HAS_MIN else 2  # where the nibbles start
+    q = (_load_u8(src, qs + e % 16, ok) >> ((e // 16) * 4)) & 15  # low nibbles, then high nibbles
+    if HAS_MIN:
+        y = d * q.to(tl.float32) + _load_f16(src, 2, ok)
+    else:
+        y = d * (q - 8).to(tl.float32)
+    _store(y_ptr, blk, e, y, ok, ELEMS)
 
 
 @triton.jit
@@ -132,8 +127,10 @@ def _dequant_q6_k_kernel(q_ptr, y_ptr, n_blocks,  # as _dequant_q8_0_kernel
     _store(y_ptr, blk, e, (d * scale) * q.to(tl.float32), ok, ELEMS)
 
 
-# type -> (kernel, its constexprs beyond the block sizes); Q4_K and Q5_K share one kernel as the twins share _k_quant
-KERNELS = {"Q8_0": (_dequant_q8_0_kernel, {}), "Q4_0": (_dequant_q4_0_kernel, {}), "Q4_1": (_dequant_q4_1_kernel, {}),
+# type -> (kernel, its constexprs beyond the block sizes); Q4_0/Q4_1 and Q4_K/Q5_K share a kernel each, their
+# layouts differing only in one field (the min; the fifth bit)
+KERNELS = {"Q8_0": (_dequant_q8_0_kernel, {}), "Q4_0": (_dequant_q4_kernel, {"HAS_MIN": False}),
+           "Q4_1": (_dequant_q4_kernel, {"HAS_MIN": True}),
            "Q4_K": (_dequant_k_kernel, {"FIVE_BIT": False}), "Q5_K": (_dequant_k_kernel, {"FIVE_BIT": True}),
            "Q6_K": (_dequant_q6_k_kernel, {})}
 
