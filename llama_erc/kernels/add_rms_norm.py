@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from llama_erc.kernels._utils import cast_rne, check_float, check_same_device
-from llama_erc.kernels.rms_norm import _launch_config, rms_norm_bwd
+from llama_erc.kernels.rms_norm import _launch_config, _normalize_rows, rms_norm_bwd
 
 
 @triton.jit
@@ -49,12 +49,8 @@ def _add_rms_norm_fwd_kernel(
     w = tl.load(w_ptr + cols * stride_w, mask=col_ok, other=0.0).to(tl.float32)
     h = cast_rne(x + r, h_ptr.dtype.element_ty)  # the eager add: exact fp32 sum of two inputs, rounded once
     tl.store(h_ptr + rows[:, None] * N + cols[None, :], h, mask=mask)
-    h = h.to(tl.float32)  # the norm sees the rounded h, as rms_norm(x + r) does
-    rstd = tl.rsqrt(tl.sum(h * h, axis=1) / N + eps)  # (BLOCK_M,); padded lanes are 0 and add nothing
-    h_hat = cast_rne(h * rstd[:, None], h_ptr.dtype.element_ty).to(tl.float32)  # the reference's .to(h.dtype)
-    y = cast_rne(h_hat * w[None, :], y_ptr.dtype.element_ty)  # fp32 product, rounded once like torch's multiply
-    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y, mask=mask)
+    # the norm sees the rounded h, as rms_norm(x + r) does: rms_norm's own forward tail
+    _normalize_rows(h.to(tl.float32), w, rows, cols, row_ok, mask, N, eps, h_ptr, y_ptr, rstd_ptr)
 
 
 def _check(w: Tensor, **rows: Tensor) -> None:

@@ -45,6 +45,13 @@ def _rms_norm_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols * stride_w, mask=col_ok, other=0.0).to(tl.float32)
+    _normalize_rows(x, w, rows, cols, row_ok, mask, N, eps, x_ptr, y_ptr, rstd_ptr)
+
+
+@triton.jit
+def _normalize_rows(x, w, rows, cols, row_ok, mask, N, eps, x_ptr, y_ptr, rstd_ptr):
+    """The forward's norm of a (BLOCK_M, BLOCK_N) tile: x fp32 (the input's values), w (BLOCK_N,) fp32; stores
+    y (contiguous rows of N) and rstd. Shared with add_rms_norm.py, whose x is the rounded sum h (x_ptr: h's)."""
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)  # (BLOCK_M,); padded lanes are 0 and add nothing
     x_hat = cast_rne(x * rstd[:, None], x_ptr.dtype.element_ty).to(tl.float32)  # the reference's .to(x.dtype)
     y = cast_rne(x_hat * w[None, :], y_ptr.dtype.element_ty)  # fp32 product, rounded once like torch's multiply
