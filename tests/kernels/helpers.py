@@ -42,15 +42,23 @@ def check_against_reference(kernel: Callable, reference: Callable, inputs: Seque
     y32, grads32 = run_with_grads(reference, upcast(inputs), dy.float())
     assert y.dtype == reference(*inputs).dtype and y.shape == y32.shape
     assert_close(y, y32, TOL[out_kind][dtype], msg="forward")
+    grads_bf = None
+    if dtype is torch.bfloat16:
+        y_bf, grads_bf = run_with_grads(reference, inputs, dy)  # torch in bf16: the baseline error
+        assert_ratio(y, y32, baseline=y_bf)
+    check_grads(inputs, grads, grads32, grad_kinds, dtype, grads_bf)
+
+
+def check_grads(inputs: Sequence, grads: Sequence, grads32: Sequence, grad_kinds: Sequence[str | None],
+                dtype: torch.dtype, grads_bf: Sequence | None = None) -> None:
+    """Each input's grad against its fp32 reference, within TOL[grad_kinds[i]][dtype] (None: no grad expected),
+    in the input's dtype and shape; with grads_bf (the reference run in bf16), within assert_ratio of it."""
     for i, (g, g32, kind) in enumerate(zip(grads, grads32, grad_kinds)):
         if kind is None:
             assert g is None, f"input {i}: grad should be None"
             continue
         assert g.dtype == inputs[i].dtype and g.shape == inputs[i].shape
         assert_close(g, g32, TOL[kind][dtype], msg=f"grad of input {i}")
-    if dtype is torch.bfloat16:
-        y_bf, grads_bf = run_with_grads(reference, inputs, dy)  # torch in bf16: the baseline error
-        assert_ratio(y, y32, baseline=y_bf)
-        for g, g32, g_bf in zip(grads, grads32, grads_bf):
-            if g is not None:
-                assert_ratio(g, g32, baseline=g_bf)
+    for g, g32, g_bf in zip(grads, grads32, grads_bf or ()):
+        if g is not None:
+            assert_ratio(g, g32, baseline=g_bf)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 import llama_erc.kernels as K
 from llama_erc.kernels import REFERENCE as REF
-from tests.kernels.helpers import randn, upcast
+from tests.kernels.helpers import check_grads, randn, upcast
 from tests.tolerances import TOL, assert_close, assert_ratio
 
 add_rms_norm_module = importlib.import_module("llama_erc.kernels.add_rms_norm")  # `kernels.add_rms_norm`: the function
@@ -64,17 +64,9 @@ def _check(inputs, dh: Tensor | None, dy: Tensor | None, grad_kinds=GRADS) -> No
     assert (h.dtype, y.dtype) == (h_eager.dtype, y_eager.dtype) and h.shape == y.shape == inputs[0].shape
     assert torch.equal(h, h_eager), "h must be the eager add: the exact sum rounded once"
     assert_close(y, y32, TOL["row"][dtype], msg="forward y")
-    for i, (g, g32, kind) in enumerate(zip(grads, grads32, grad_kinds)):
-        if kind is None:
-            assert g is None, f"input {i}: grad should be None"
-            continue
-        assert g.dtype == inputs[i].dtype and g.shape == inputs[i].shape
-        assert_close(g, g32, TOL[kind][dtype], msg=f"grad of input {i}")
     if dtype is torch.bfloat16:
         assert_ratio(y, y32, baseline=y_eager)
-        for g, g32, g_bf in zip(grads, grads32, grads_eager):
-            if g is not None:
-                assert_ratio(g, g32, baseline=g_bf)
+    check_grads(inputs, grads, grads32, grad_kinds, dtype, grads_eager if dtype is torch.bfloat16 else None)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 8), (2, 7, 41), (3, 5, 128), (5, 96), (64, 256)],
