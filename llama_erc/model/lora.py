@@ -123,14 +123,13 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged")
         w = self.weight
-        if not isinstance(w, Tensor):  # quantized: the packed module is small, keep it
+        if isinstance(w, Tensor):
+            self.original_weight = w.detach() if keep_original else None
+            w32 = w.float()
+        else:  # quantized: the packed module is small, always kept
             self.quantized_original = w
-            self.weight = nn.Parameter((w.dequantize(torch.float32) + self.delta_weight()).to(w.dtype),
-                                       requires_grad=False)
-            self.merged = True
-            return
-        self.original_weight = w.detach() if keep_original else None
-        self.weight = nn.Parameter((w.float() + self.delta_weight()).to(w.dtype), requires_grad=False)
+            w32 = w.dequantize(torch.float32)
+        self.weight = nn.Parameter((w32 + self.delta_weight()).to(w.dtype), requires_grad=False)
         self.merged = True
 
     def unmerge(self) -> None:
