@@ -46,7 +46,7 @@ from llama_erc.model.hf_keys import permute_to_meta
 BASE_QUANT = ("none", "gguf", "nf4", "q8_0")
 QUANTIZED_AT_LOAD = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # what nf4 / q8_0 quantize: the block linears
 _NF4_FIELDS = ("packed", "absmax_codes", "nested_absmax", "nested_code")
-_TWIN_CHUNK = 1 << 20  # elements per call of the pure-torch GGUF twin (see QuantizedWeight.dequantize)
+_TWIN_CHUNK = 1 << 20  # elements per call of the pure-torch GGUF twin (dequantize_gguf_chunked)
 _NF4_GROUP = NF4_BLOCK * NESTED_BLOCK  # 16384 elements: one nested absmax's span, so chunks cut no group
 
 
@@ -67,6 +67,21 @@ def dequantize_nf4_chunked(q: NF4Weight, dtype: torch.dtype, chunk: int = 64 * _
                          q.nested_absmax[s // _NF4_GROUP:-(-e // _NF4_GROUP)], q.nested_code, q.offset, (e - s,))
         out[s:e] = dequantize_nf4(part, dtype)
     return out.view(q.shape)
+
+
+def dequantize_gguf_chunked(data: Tensor, fmt: str, shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """reference_gguf.dequantize_gguf of (rows, bytes per row) blocks, filled _TWIN_CHUNK elements of whole rows
+    at a time: the twin's fp32 temporaries are several times its output (a 49k x 576 tied embedding: ~0.5 GB);
+    elementwise math, so the same bits either way."""
+    n, cols = shape
+    if n * cols <= _TWIN_CHUNK:
+        return dequantize_gguf(data, fmt, shape, dtype)
+    out = torch.empty(shape, dtype=dtype, device=data.device)
+    step = max(1, _TWIN_CHUNK // cols)
+    for r in range(0, n, step):
+        part = data[r:r + step]
+        out[r:r + step] = dequantize_gguf(part, fmt, (part.shape[0], cols), dtype)
+    return out
 
 
 class QuantizedWeight(nn.Module):
@@ -130,17 +145,10 @@ class QuantizedWeight(nn.Module):
                 self.ops.dequant_nf4(q, dtype)
             return w if self.row_heads is None else permute_to_meta(w, self.row_heads)
         data = self.blocks if rows is None else self.blocks[rows]  # (rows, bytes per row)
-        n, cols = data.shape[0], self.shape[1]
-        if self.ops.dequant_gguf is not dequantize_gguf or n * cols <= _TWIN_CHUNK:
-            return self.ops.dequant_gguf(data, self.fmt, (n, cols), dtype)
-        # The twin's fp32 temporaries are several times its output (a 49k x 576 tied embedding: ~0.5 GB), so it
-        # fills the output a chunk of rows at a time; elementwise math, so the same bits either way.
-        out = torch.empty((n, cols), dtype=dtype, device=data.device)
-        step = max(1, _TWIN_CHUNK // cols)
-        for r in range(0, n, step):
-            part = data[r:r + step]
-            out[r:r + step] = dequantize_gguf(part, self.fmt, (part.shape[0], cols), dtype)
-        return out
+        shape = (data.shape[0], self.shape[1])
+        if self.ops.dequant_gguf is dequantize_gguf:  # the twin, chunked (as NF4 above)
+            return dequantize_gguf_chunked(data, self.fmt, shape, dtype)
+        return self.ops.dequant_gguf(data, self.fmt, shape, dtype)
 
     def linear(self, x: Tensor) -> Tensor:
         return dequant_linear(x, self)
@@ -234,15 +242,13 @@ def quantize_model(model: nn.Module, base_quant: str) -> nn.Module:
 
 def quant_summary(model: nn.Module) -> dict:
     """What the base holds quantized: {format: count}, packed bytes, and the bytes of the float parameters."""
+    held = [m for m in model.modules() if isinstance(m, QuantizedWeight)]  # each once, a tied one too
     formats: dict[str, int] = {}
-    packed = 0
-    for m in model.modules():
-        if isinstance(m, QuantizedWeight):
-            formats[m.fmt] = formats.get(m.fmt, 0) + 1
-            packed += m.nbytes
-    seen = {id(p) for m in model.modules() if isinstance(m, QuantizedWeight) for p in m.parameters()}
+    for m in held:
+        formats[m.fmt] = formats.get(m.fmt, 0) + 1
+    packed = sum(m.nbytes for m in held)
+    seen = {id(p) for m in held for p in m.parameters()}
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)
     return {"formats": formats, "packed_bytes": packed, "dense_bytes": dense,
             "packed_mib": round(packed / 2**20, 1), "dense_mib": round(dense / 2**20, 1),
-            "bits_per_weight": round(8 * packed / max(1, sum(math.prod(m.shape) for m in model.modules()
-                                                               if isinstance(m, QuantizedWeight))), 3)}
+            "bits_per_weight": round(8 * packed / max(1, sum(math.prod(m.shape) for m in held)), 3)}
