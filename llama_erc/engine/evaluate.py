@@ -38,21 +38,28 @@ def subset(examples: list, max_examples: int) -> list:
 @torch.no_grad()
 def predict_set(model: nn.Module, codec: PromptCodec, eset: ExampleSet, *, max_len: int, batch_size: int = 8,
                 max_examples: int = 0, progress: bool = False) -> tuple[list[str], torch.Tensor]:
-    """Predicted canonical label per example, and probabilities over eset.labels (N, C)."""
+    """Predicted canonical label per example, and probabilities over eset.labels (N, C), in eset's order.
+
+    The examples are scored longest prompt first, batch_size at a time, so a batch holds prompts of similar
+    length: its rows pack tightly and its shared instruction prefix is most of every row's start. Each
+    example's scores depend on its own prompt only (decode.py's masks), so the order changes no prediction.
+    """
     examples = subset(eset.examples, max_examples)
     words = examples[0].choices
     candidates = [encode_response(codec, w) for w in words]  # label word + EOS, exactly as trained
     reserve = max(len(c) for c in candidates)
-    preds, probs, t0 = [], [], time.perf_counter()
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        prompts = [encode_prompt(codec, ex, max_len, n_reserved=reserve) for ex in chunk]
-        labels, p = predict_labels(model, prompts, candidates, list(eset.labels), pad_id=codec.pad_id,
-                                   batch_size=batch_size)
-        preds += labels
-        probs.append(p)
-        _progress(start + len(chunk), len(examples), t0, progress)
-    return preds, torch.cat(probs)
+    prompts = [encode_prompt(codec, ex, max_len, n_reserved=reserve) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep the split's order
+    probs = torch.empty(len(prompts), len(eset.labels))
+    t0 = time.perf_counter()
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        _, p = predict_labels(model, [prompts[i] for i in chunk], candidates, list(eset.labels),
+                              pad_id=codec.pad_id, batch_size=batch_size)
+        probs[chunk] = p
+        _progress(start + len(chunk), len(order), t0, progress)
+    preds = [eset.labels[i] for i in probs.argmax(-1).tolist()]
+    return preds, probs
 
 
 def evaluate_sets(model: nn.Module, codec: PromptCodec, sets: list[ExampleSet], *, max_len: int, batch_size: int = 8,

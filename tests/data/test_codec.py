@@ -184,7 +184,9 @@ def test_training_and_decoding_use_the_same_ids(chat_codec, monkeypatch):
     prompts = [p for chunk, _, _ in seen for p in chunk]
     assert all(candidates == [encode_response(chat_codec, w) for w in examples[0].choices]
                for _, candidates, _ in seen)
-    for ex, prompt in zip(examples, prompts, strict=True):
+    # predict_set scores longest prompt first (ties in the split's order); each prompt is still its example's
+    by_length = sorted(examples, key=lambda ex: -len(encode_prompt(chat_codec, ex, 512)))
+    for ex, prompt in zip(by_length, prompts, strict=True):
         ids, labels = encode_example(chat_codec, ex, max_len=512)
         n_prompt = labels.count(IGNORE_INDEX)
         assert ids[:n_prompt] == prompt == encode_prompt(chat_codec, ex, 512)

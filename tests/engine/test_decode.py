@@ -1,4 +1,6 @@
 """Label-restricted decoding: packed scoring equals scoring each candidate in its own plain forward pass."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -72,3 +74,31 @@ def test_common_prefix_keeps_a_token_of_each_prompt():
     assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert common_prefix([[1], [1, 2]]) == 0
     assert common_prefix([[4, 2], [1, 2]]) == 0
+
+
+def test_predict_set_scores_longest_first_and_answers_in_split_order(demo_tokenizer):
+    """predict_set batches prompts by length; its answers are the split's order and equal scoring each example
+    alone (the order changes which examples share a forward pass, never an example's own scores)."""
+    from llama_erc.data import LABELS, build_codec, encode_prompt, encode_response, load_dialogues, load_tokenizer
+    from llama_erc.data.prompts import PromptConfig, build_examples
+    from llama_erc.data.sets import ExampleSet
+    from llama_erc.engine.evaluate import predict_set
+    from tests.data.conftest import DEMO
+
+    codec = build_codec(load_tokenizer(demo_tokenizer))
+    examples = build_examples(load_dialogues("meld", DEMO, "test")[:3], "meld", PromptConfig())
+    lengths = [len(encode_prompt(codec, ex, 256)) for ex in examples]
+    assert lengths != sorted(lengths, reverse=True)  # the split's order is not already longest first
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(preset("tiny"), vocab_size=codec.vocab_size)).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    eset = ExampleSet("meld", examples, LABELS["meld"])
+    preds, probs = predict_set(model, codec, eset, max_len=256, batch_size=4)
+    candidates = [encode_response(codec, w) for w in examples[0].choices]
+    reserve = max(len(c) for c in candidates)  # predict_set truncates prompts to leave room for any label
+    for i, ex in enumerate(examples):
+        prompt = encode_prompt(codec, ex, 256, n_reserved=reserve)
+        label, p = predict_labels(model, [prompt], candidates, list(eset.labels),
+                                  pad_id=codec.pad_id)
+        torch.testing.assert_close(probs[i:i + 1], p, rtol=1e-4, atol=1e-5)
+        assert preds[i] == label[0]
