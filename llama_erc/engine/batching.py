@@ -11,6 +11,14 @@ A micro-batch reaches the model as a `Batch`: right-padded rows from `padded_bat
 engine/packing.py (several examples per row, with per-row positions and a block-diagonal causal mask, given as a
 bool tensor for SDPA or, built on the device from the rows' segment ids, as a flex_attention BlockMask).
 Which examples form the micro-batch does not depend on the layout, so both give the same update.
+
+Every Batch also names its supervised positions as a fixed-length gather (`supervised_slots`), built here on the
+host where the labels already are: index (N,) into the flattened (B*T) hidden states, the target and the loss
+weight of each slot. The loss then selects with index_select, whose output length is known before the forward;
+the boolean gather `h[:, :-1][labels != -100]` it replaces has a data-dependent length, which on CUDA is a
+device-to-host sync every micro-batch (and cannot be captured in a CUDA graph). N may exceed the supervised
+count (a fixed-shape bucket, engine/graphs.py): the extra slots point at position 0, target -100 (ignored by the
+cross-entropy: an exact 0) and weigh 0.
 """
 from __future__ import annotations
 
@@ -75,16 +83,53 @@ class Batch:
     segments: Tensor | None = None  # (B, T) example index within its row; PAD_SEGMENT, SHARED_SEGMENT
     weights: Tensor | None = None  # (B, T) fp32 loss weight aligned with labels, 0 where unsupervised; None: all 1
     n_tokens: int = 0  # real (non-pad) positions the model computes: a shared prefix counts once per row
+    index: Tensor | None = None  # (N,) long: flat (B*T) position predicting each supervised slot's target
+    targets: Tensor | None = None  # (N,) long: each slot's target token; -100 on padding slots
+    slot_weights: Tensor | None = None  # (N,) fp32 loss weight per slot, 0 on padding slots; None: all 1
 
     def to(self, device: torch.device) -> "Batch":
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
         return replace(self, ids=move(self.ids), labels=move(self.labels), positions=move(self.positions),
-                       mask=move(self.mask), segments=move(self.segments), weights=move(self.weights))
+                       mask=move(self.mask), segments=move(self.segments), weights=move(self.weights),
+                       index=move(self.index), targets=move(self.targets), slot_weights=move(self.slot_weights))
+
+    def loss_inputs(self) -> tuple:
+        """engine.loss.SupervisedLoss's arguments for this batch, through the sync-free fixed-length gather."""
+        if self.index is None:
+            raise ValueError("this Batch has no supervised slots: build it with padded_batch or pack")
+        return self.ids, self.targets, self.positions, self.attention_mask(), self.slot_weights, self.index
 
     def attention_mask(self) -> Tensor | BlockMask | None:
         """What the model takes as `mask`: the bool mask, or a BlockMask built where `segments` lives."""
         return self.mask if self.segments is None else flex_block_mask(self.segments)
+
+
+def supervised_slots(labels: Tensor, weights: Tensor | None, n_slots: int | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Host labels (B, T) (and weights (B, T) or None) -> the loss's fixed-length gather: index (N,) long into the
+    flattened (B*T) positions, targets (N,) long and weights (N,) fp32 (None when `weights` is None).
+
+    Slot k is the k-th supervised position in row-major order, the order of the boolean gather, so the loss sums
+    the same terms in the same order. n_slots (default: the supervised count) pads with slots that point at
+    position 0, target IGNORE_INDEX and weight 0.
+    """
+    B, T = labels.shape
+    supervised = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts label t+1
+    rows, cols = supervised.nonzero(as_tuple=True)  # on the host: no device sync
+    n = rows.numel()
+    n_slots = n if n_slots is None else n_slots
+    if n > n_slots:
+        raise ValueError(f"{n} supervised positions do not fit n_slots={n_slots}")
+    index = torch.zeros(n_slots, dtype=torch.long)
+    index[:n] = rows * T + cols  # flat into (B*T)
+    targets = torch.full((n_slots,), IGNORE_INDEX, dtype=torch.long)
+    targets[:n] = labels[rows, cols + 1]
+    if weights is None:
+        return index, targets, None
+    slot_weights = torch.zeros(n_slots, dtype=torch.float32)
+    slot_weights[:n] = weights[rows, cols + 1]
+    return index, targets, slot_weights
 
 
 def causal_mask(visible: Tensor, real: Tensor) -> Tensor:
@@ -144,8 +189,10 @@ def padded_batch(seqs: list[Sequence], pad_id: int) -> Batch:
         ids[i, :len(s.ids)] = torch.tensor(s.ids, dtype=torch.long)
         labels[i, :len(s.labels)] = torch.tensor(s.labels, dtype=torch.long)
     n_tokens = sum(len(s.ids) for s in seqs)
-    if all(s.weight == 1.0 for s in seqs):
-        return Batch(ids, labels, n_tokens=n_tokens)
-    w = torch.tensor([s.weight for s in seqs], dtype=torch.float32)  # (B,)
-    weights = torch.where(labels != IGNORE_INDEX, w[:, None], 0.0)  # (B, T)
-    return Batch(ids, labels, weights=weights, n_tokens=n_tokens)
+    weights = None
+    if any(s.weight != 1.0 for s in seqs):
+        w = torch.tensor([s.weight for s in seqs], dtype=torch.float32)  # (B,)
+        weights = torch.where(labels != IGNORE_INDEX, w[:, None], 0.0)  # (B, T)
+    index, targets, slot_weights = supervised_slots(labels, weights)
+    return Batch(ids, labels, weights=weights, n_tokens=n_tokens, index=index, targets=targets,
+                 slot_weights=slot_weights)

@@ -2,7 +2,11 @@
 
 ERC supervises a handful of label tokens per example, so projecting every position onto the 32k vocabulary
 (B x T x V fp32 logits) would be almost all waste: the final hidden states are gathered at the supervised
-positions first, then projected, then cast to fp32 for the loss.
+positions first, then projected, then cast to fp32 for the loss. The training step names those positions with
+the batch's fixed-length index (engine/batching.py: supervised_slots, built on the host), so the gather is an
+index_select of known length, with no device-to-host sync; the boolean gather over labels (B, T) is kept as its
+twin, and the two give the same loss and gradients bit for bit (measured on CPU, fp32 and bf16:
+tests/engine/test_supervised_gather.py).
 
 Packed rows (engine/packing.py) pass per-row positions and a block-diagonal causal mask (a bool tensor, or a
 flex_attention BlockMask) through to the model;
@@ -30,18 +34,32 @@ class SupervisedLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids: Tensor, labels: Tensor, positions: Tensor | None = None,
-                mask: Tensor | BlockMask | None = None, weights: Tensor | None = None) -> Tensor:
-        """input_ids, labels: (B, T) -> summed fp32 CE of predicting labels[:, t+1] from position t.
+                mask: Tensor | BlockMask | None = None, weights: Tensor | None = None,
+                index: Tensor | None = None) -> Tensor:
+        """input_ids (B, T) -> summed fp32 CE of each supervised target, predicted from the position before it.
 
+        Two ways to name the supervised positions:
+        - index (N,) long, the fixed-length gather a Batch carries (engine/batching.py: supervised_slots): the
+          flat (B*T) position predicting each slot; labels (N,) its target, -100 on padding slots; weights (N,)
+          fp32 or None. No device-to-host sync: N is known before the forward. The training step's path.
+        - index None: labels (B, T) aligned with input_ids, -100 where unsupervised, weights (B, T) or None; the
+          boolean gather, whose data-dependent length costs a device sync on CUDA. The twin the gather is
+          checked against (tests/engine/test_supervised_gather.py).
         positions (B, T) and mask (B, T, T) bool or a BlockMask are optional, as in Transformer.hidden_states.
-        weights (B, T) fp32, aligned with labels: each supervised token's CE is multiplied by its weight.
         """
         h = self.model.hidden_states(input_ids, positions, mask)  # (B, T, D)
-        targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-        supervised = targets != IGNORE_INDEX  # (B, T-1)
-        h_sup = h[:, :-1][supervised]  # (N, D): only supervised positions reach the vocabulary projection
+        if index is None:
+            targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+            supervised = targets != IGNORE_INDEX  # (B, T-1)
+            h_sup = h[:, :-1][supervised]  # (N, D): only supervised positions reach the vocabulary projection
+            targets = targets[supervised]  # (N,)
+            weights = None if weights is None else weights[:, 1:][supervised]  # (N,)
+        else:
+            h_sup = h.reshape(-1, h.shape[-1]).index_select(0, index)  # (B*T, D) -> (N, D)
+            targets = labels  # (N,)
         logits = self.model.output(h_sup).float()  # (N, V) fp32 for a stable log-softmax
+        # padding slots' target is IGNORE_INDEX: their CE (and its gradient) is exactly 0
         if weights is None:
-            return F.cross_entropy(logits, targets[supervised], reduction="sum")
-        ce = F.cross_entropy(logits, targets[supervised], reduction="none")  # (N,)
-        return (ce * weights[:, 1:][supervised]).sum()
+            return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
+        return (ce * weights).sum()

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import torch
 
 from llama_erc.data import IGNORE_INDEX, Sequence
-from llama_erc.engine.batching import PAD_SEGMENT, SHARED_SEGMENT, Batch, padded_batch, segment_mask
+from llama_erc.engine.batching import (PAD_SEGMENT, SHARED_SEGMENT, Batch, padded_batch, segment_mask,
+                                      supervised_slots)
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -112,9 +113,11 @@ def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, sh
             start = end
     weights = torch.where(labels != IGNORE_INDEX, weights, 0.0) if weighted else None  # (B, T)
     n_tokens = P * len(rows) + sum(len(s.ids) - P for s in seqs)
+    index, targets, slot_weights = supervised_slots(labels, weights)
+    slots = dict(weights=weights, n_tokens=n_tokens, index=index, targets=targets, slot_weights=slot_weights)
     if flex:
-        return Batch(ids, labels, positions, segments=segments, weights=weights, n_tokens=n_tokens)
-    return Batch(ids, labels, positions, segment_mask(segments), weights=weights, n_tokens=n_tokens)
+        return Batch(ids, labels, positions, segments=segments, **slots)
+    return Batch(ids, labels, positions, segment_mask(segments), **slots)
 
 
 @dataclass(frozen=True)

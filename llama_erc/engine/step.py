@@ -51,7 +51,7 @@ def train_step(loss_fn: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
         computed += batch.n_tokens
         last = j == len(micro_batches) - 1
         with nullcontext() if (last or world_size == 1) else loss_fn.no_sync():
-            loss = loss_fn(batch.ids, batch.labels, batch.positions, batch.attention_mask(), batch.weights)
+            loss = loss_fn(*batch.loss_inputs())  # the fixed-length supervised gather: no device sync
             (loss * (world_size / weight_sum)).backward()
         loss_sum += loss.detach()
     stopping = stop is not None and stop()

@@ -53,10 +53,10 @@ def live_model(cfg: TrainConfig):
 
 def loss_and_grads(model, batch: Batch):
     """Summed (weighted, when the batch has weights) supervised loss and every adapter gradient of one
-    micro-batch, on the model's device."""
+    micro-batch, on the model's device, through the training step's fixed-length supervised gather."""
     model.zero_grad(set_to_none=True)
     batch = batch.to(next(model.parameters()).device)
-    loss = SupervisedLoss(model)(batch.ids, batch.labels, batch.positions, batch.attention_mask(), batch.weights)
+    loss = SupervisedLoss(model)(*batch.loss_inputs())
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
