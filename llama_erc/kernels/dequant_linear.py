@@ -24,25 +24,33 @@ from torch.autograd.function import once_differentiable
 
 class DequantLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, qweight) -> Tensor:
+    def forward(ctx, x: Tensor, qweight, out: Tensor | None = None) -> Tensor:
         ctx.qweight = qweight  # a reference to the frozen packed weight, not a saved tensor
+        if out is not None:  # recorded earlier (model/recompute.py): no dequantization, no GEMM
+            return out
         return F.linear(x, qweight.dequantize())  # (..., out); the dequantized weight dies here
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, None, None
         out_dim = g.shape[-1]
         w = ctx.qweight.dequantize()  # (out, in), transient
         dx = g.reshape(-1, out_dim) @ w  # (N, in): autograd's mm for F.linear's input gradient
-        return dx.view(*g.shape[:-1], w.shape[1]), None
+        return dx.view(*g.shape[:-1], w.shape[1]), None, None
 
 
-def dequant_linear(x: Tensor, qweight) -> Tensor:
-    """x: (..., in) -> (..., out) = x deq(qweight)^T; x must be in the weight's compute dtype."""
+def dequant_linear(x: Tensor, qweight, out: Tensor | None = None) -> Tensor:
+    """x: (..., in) -> (..., out) = x deq(qweight)^T; x must be in the weight's compute dtype.
+
+    out: (..., out), x deq(qweight)^T recorded earlier (model/recompute.py's block recompute): returned through the
+    same node, so backward is unchanged, while the forward's dequantization and GEMM are skipped."""
     if x.dtype != qweight.dtype:
         raise ValueError(f"dequant_linear: x dtype {x.dtype} differs from the weight's compute dtype {qweight.dtype}")
+    if out is not None and out.shape != (*x.shape[:-1], qweight.shape[0]):
+        raise ValueError(f"dequant_linear: out of shape {tuple(out.shape)} for x {tuple(x.shape)} and weight "
+                         f"{tuple(qweight.shape)}")
     if torch.is_grad_enabled() and x.requires_grad:
-        return DequantLinearFunction.apply(x, qweight)
-    return F.linear(x, qweight.dequantize())  # no graph to build: the plain function
+        return DequantLinearFunction.apply(x, qweight, out)
+    return F.linear(x, qweight.dequantize()) if out is None else out  # no graph to build: the plain function

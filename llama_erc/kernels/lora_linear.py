@@ -37,7 +37,8 @@ def _apply_mask(t: Tensor, mask: Tensor, p: float) -> Tensor:
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, p: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, p: float,
+                out: Tensor | None = None) -> Tensor:
         in_dim = x.shape[-1]
         x2 = x.reshape(-1, in_dim)  # (N, in); a view when x is contiguous
         a = lora_a.to(x.dtype)  # (r, in)
@@ -51,9 +52,16 @@ class LoRALinearFunction(torch.autograd.Function):
         # y = s * (xa B^T) + x2 W^T: the rank-r product is the big GEMM's C matrix, added in its epilogue
         # (beta=s). Out of place, so that selective activation checkpointing may cache the GEMM outputs.
         quantized = not isinstance(weight, Tensor)  # a frozen quantized weight (model/quant.py)
-        w = weight.dequantize() if quantized else weight  # (out, in); dequantized: transient, never saved
-        y = torch.addmm(torch.mm(xa, b.T), x2, w.T, beta=scale)  # (N, out)
-        del w
+        if out is None:
+            w = weight.dequantize() if quantized else weight  # (out, in); dequantized: transient, never saved
+            y = torch.addmm(torch.mm(xa, b.T), x2, w.T, beta=scale)  # (N, out)
+            del w
+        else:
+            # block recompute (model/recompute.py): `out` is this op's output recorded in the block's first
+            # forward. Only the mask (same RNG state, so the same draw) and xa, which backward saves, are redone;
+            # the GEMM is skipped. The whole output is recorded, not x W^T alone, because the adapter term is
+            # added in the GEMM's epilogue: x W^T is never rounded on its own, so it could not be replayed exactly.
+            y = out.reshape(-1, out.shape[-1])  # (N, out), a view
         # A, B fp32: the parameters, no copies. A quantized weight is held by reference (its packed blocks are
         # the model's parameters) and dequantized again in backward.
         ctx.save_for_backward(x, mask, xa, None if quantized else weight, lora_a, lora_b)
@@ -87,16 +95,21 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx = dx.view(x.shape)
         if need_w:  # never in LoRA training (W is frozen); computed rather than refused, for completeness
             dw = g2.T @ x2  # (out, in)
-        return dx, dw, da, db, None, None
+        return dx, dw, da, db, None, None, None
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout_p: float,
-                training: bool) -> Tensor:
+                training: bool, out: Tensor | None = None) -> Tensor:
     """x: (..., in) -> (..., out). weight (out, in) in x's dtype, or a frozen quantized weight (model/quant.py)
     whose compute dtype is x's; lora_a (r, in), lora_b (out, r), any float dtype.
 
     Dropout on the adapter input is applied only when training and dropout_p > 0, like nn.Dropout.
+    out: (..., out), this op's output for the same inputs, recorded earlier (model/recompute.py's block
+    recompute): returned through the same node (same backward) without recomputing the GEMM.
     """
     if weight.dtype != x.dtype:
         raise ValueError(f"lora_linear: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scale), dropout_p if training else 0.0)
+    if out is not None and out.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"lora_linear: out of shape {tuple(out.shape)} for x {tuple(x.shape)} and weight "
+                         f"{tuple(weight.shape)}")
+    return LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scale), dropout_p if training else 0.0, out)

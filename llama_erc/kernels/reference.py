@@ -71,14 +71,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout_p: float,
-                training: bool) -> Tensor:
+                training: bool, base: Tensor | None = None) -> Tensor:
     """x: (..., in), weight (out, in) in x's dtype, lora_a (r, in), lora_b (out, r) any float dtype -> (..., out).
 
     A and B are cast to x's dtype for the matmuls (autograd returns their grads in their own dtype); dropout on
     the adapter's input only, when training and dropout_p > 0, as nn.Dropout would. A weight that is not a
-    tensor is a frozen quantized one (model/quant.py): its base term is dequant_linear's, the same function."""
+    tensor is a frozen quantized one (model/quant.py): its base term is dequant_linear's, the same function.
+    base: the base term x W^T already computed, in x's graph (model/recompute.py's block recompute replays a
+    recorded GEMM output through a node with the same backward); computed here when None."""
     # first: autograd then sums x's gradient in the order the engine always has
-    y = F.linear(x, weight) if isinstance(weight, Tensor) else dequant_linear(x, weight)
+    if base is not None:
+        y = base
+    else:
+        y = F.linear(x, weight) if isinstance(weight, Tensor) else dequant_linear(x, weight)
     x_d = F.dropout(x, dropout_p, training) if dropout_p > 0 else x
     h = F.linear(x_d, lora_a.to(x.dtype))  # (..., r)
     return y + scale * F.linear(h, lora_b.to(x.dtype))

@@ -31,10 +31,11 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from llama_erc.kernels import REFERENCE_OPS, Ops
 from llama_erc.model.config import ModelConfig
+from llama_erc.model.recompute import block_recompute
 from llama_erc.model.rope import rope_cos_sin
 
 
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # per transformer block
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective", "block")  # per transformer block
 
 # What selective checkpointing keeps: the outputs of the matmuls and of attention, the ops whose recomputation
 # costs FLOPs. Everything else in a block (norms, rotary, SwiGLU, dropout, casts, adds) is recomputed in
@@ -135,7 +136,8 @@ class Transformer(nn.Module):
     """A LLaMA-family decoder. `ops` is the op set every module calls (kernels.select_ops), chosen once;
     `activation_checkpointing` (ACTIVATION_CHECKPOINTING; True/False mean full/none): "full" keeps only each
     block's input and recomputes the block in backward; "selective" also keeps the block's matmul and attention
-    outputs and recomputes only the cheap ops between them."""
+    outputs and recomputes only the cheap ops between them; "block" keeps the block's input and its frozen GEMMs'
+    outputs and recomputes the rest with one autograd node per block (model/recompute.py)."""
 
     def __init__(self, cfg: ModelConfig, *, ops: Ops = REFERENCE_OPS, activation_checkpointing: bool | str = "none"):
         super().__init__()
@@ -216,7 +218,9 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, D)
         selective = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmul_outputs)}
         for layer in self.layers:
-            if self.activation_checkpointing != "none" and torch.is_grad_enabled():
+            if self.activation_checkpointing == "block":
+                h = block_recompute(layer, h, cos, sin, mask)
+            elif self.activation_checkpointing != "none" and torch.is_grad_enabled():
                 # non-reentrant: works with frozen inputs and keeps autograd hooks exact; the RNG state is
                 # replayed, so recomputed dropout draws the same masks
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False,
