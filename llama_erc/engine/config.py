@@ -48,6 +48,9 @@ class TrainConfig(DataConfig):
     packing: bool = False  # pack each micro-batch's examples into rows of <= max_len tokens (no padding waste)
     packed_attention: str = "sdpa"  # with --packing: sdpa (bool block-diagonal mask) | flex (BlockMask; CUDA only)
     share_prefix: bool = False  # with --packing: each row holds the examples' common prompt prefix once
+    # with --packing: micro-batches in a few fixed shapes, each shape's forward + backward one CUDA graph replayed
+    # (engine/graphs.py); one process only; on a CPU the same fixed-shape batches run eagerly
+    cuda_graphs: bool = False
     # optimisation (OptimConfig)
     micro_batch: int = 8
     grad_accum: int = 16  # global batch = micro_batch * grad_accum * world_size (the paper: 128)
@@ -84,6 +87,11 @@ class TrainConfig(DataConfig):
             raise ValueError("--packed_attention flex applies to packed rows: add --packing")
         if self.share_prefix and not self.packing:
             raise ValueError("--share_prefix applies to packed rows: add --packing")
+        if self.cuda_graphs and not self.packing:
+            raise ValueError("--cuda_graphs packs micro-batches into fixed shapes: add --packing")
+        if self.cuda_graphs and self.packed_attention != "sdpa":
+            raise ValueError(f"--cuda_graphs takes --packed_attention sdpa, got {self.packed_attention!r} (a "
+                             "BlockMask is built on the device every micro-batch, outside the graph's inputs)")
         for name in ("lora_rank", "micro_batch", "grad_accum", "log_every", "save_every", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -113,7 +121,7 @@ class TrainConfig(DataConfig):
     @property
     def layout(self) -> BatchLayout:
         return BatchLayout(packing=self.packing, max_len=self.max_len, flex=self.packed_attention == "flex",
-                           share_prefix=self.share_prefix)
+                           share_prefix=self.share_prefix, fixed_shapes=self.cuda_graphs)
 
     @property
     def dev_batch_size(self) -> int:

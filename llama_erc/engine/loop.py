@@ -30,6 +30,7 @@ from llama_erc.engine.checkpoint import (CheckpointError, apply_checkpoint, late
                                          remove_stale_temporaries, run_record, save_best, save_checkpoint,
                                          step_directories, trainable_state)
 from llama_erc.engine.config import TrainConfig
+from llama_erc.engine.graphs import StepGraphs
 from llama_erc.engine.log import MetricsLog
 from llama_erc.engine.loss import SupervisedLoss
 from llama_erc.engine.optim import lr_at, make_optimizer, set_lr, trainable_parameters
@@ -97,6 +98,8 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
     loss_fn: nn.Module = SupervisedLoss(model)
     if rt.distributed:
         loss_fn = DistributedDataParallel(loss_fn, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+    # --cuda_graphs: fixed-shape batches (cfg.layout) everywhere, captured and replayed on CUDA only
+    graphs = StepGraphs(loss_fn, params) if cfg.cuda_graphs and rt.device.type == "cuda" else None
     log.info(f"{len(train_seqs)} examples | global batch {plan.global_batch} | {plan.steps_per_epoch} steps/epoch "
              f"| {total_steps} steps | {sum(p.numel() for p in params):,} trainable parameters")
 
@@ -118,7 +121,8 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             try:
                 result = train_step(loss_fn, opt, params, micro_batches, layout=cfg.layout, pad_id=pad_id,
                                     weight_sum=sum(s.supervised_weight for s in global_seqs), grad_clip=cfg.grad_clip,
-                                    device=rt.device, world_size=rt.world_size, stop=lambda: stop.signal is not None)
+                                    device=rt.device, world_size=rt.world_size, stop=lambda: stop.signal is not None,
+                                    graphs=graphs)
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e} at step {step + 1}; stopped without saving, the last good checkpoint in "
                                      f"{out / 'checkpoints'} is intact") from None

@@ -33,6 +33,13 @@ prefix's dropout mask is drawn once per row rather than once per example (the sa
 shared by the row's examples).
 With `flex=True` the batch carries the segments instead of the (B, T, T) mask, and the BlockMask is built from
 them on the device (Batch.attention_mask, engine/batching.py).
+
+Fixed shapes (`fixed_shape=True`, train.py's --cuda_graphs): every micro-batch becomes one of a few shapes, so
+that a CUDA graph captured once per shape can replay it (engine/graphs.py). Rows are always max_len long, their
+number is rounded up to a power of two (bucket_rows; the added rows are all padding, which attends only to
+itself and reaches no loss), and the supervised gather's length to a power of two of at least MIN_SLOTS
+(bucket_slots; the added slots have an ignored target and weight 0). Real tokens see exactly what they see
+without the padding, so the loss is the same sum.
 """
 from __future__ import annotations
 
@@ -43,6 +50,19 @@ import torch
 from llama_erc.data import IGNORE_INDEX, Sequence
 from llama_erc.engine.batching import (PAD_SEGMENT, SHARED_SEGMENT, Batch, padded_batch, segment_mask,
                                       supervised_slots)
+
+
+MIN_SLOTS = 16  # the smallest supervised-gather length of a fixed-shape batch (a few ERC label tokens)
+
+
+def bucket_rows(n: int) -> int:
+    """A fixed-shape batch's row count for n packed rows: the next power of two."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def bucket_slots(n: int) -> int:
+    """A fixed-shape batch's supervised-gather length for n supervised positions: a power of two >= MIN_SLOTS."""
+    return max(MIN_SLOTS, 1 << max(n - 1, 0).bit_length())
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -83,19 +103,24 @@ def shared_prefix_length(seqs: list[Sequence]) -> int:
     return n
 
 
-def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, share_prefix: bool = False) -> Batch:
+def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, share_prefix: bool = False,
+         fixed_shape: bool = False) -> Batch:
     """Pack `seqs` into rows of at most max_len tokens -> Batch with ids, labels, positions (B, T) and either
     mask (B, T, T) for SDPA or, with flex=True, segments (B, T) for a flex_attention BlockMask. share_prefix:
-    each row starts with the sequences' common prefix once (module docstring)."""
+    each row starts with the sequences' common prefix once; fixed_shape: B = bucket_rows, T = max_len and the
+    supervised gather bucket_slots long (module docstring)."""
     P = shared_prefix_length(seqs) if share_prefix else 0
     rows = first_fit_decreasing([len(s.ids) - P for s in seqs], max_len - P)
-    T = max(P + sum(len(seqs[i].ids) - P for i in row) for row in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(rows), T), dtype=torch.long)
-    segments = torch.full((len(rows), T), PAD_SEGMENT, dtype=torch.long)
+    if fixed_shape:
+        B, T = bucket_rows(len(rows)), max_len
+    else:
+        B, T = len(rows), max(P + sum(len(seqs[i].ids) - P for i in row) for row in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((B, T), dtype=torch.long)
+    segments = torch.full((B, T), PAD_SEGMENT, dtype=torch.long)  # rows past len(rows) stay all padding
     weighted = any(s.weight != 1.0 for s in seqs)  # else weights=None: the loss's plain summed path
-    weights = torch.zeros((len(rows), T), dtype=torch.float32)  # each segment's weight, masked to labels below
+    weights = torch.zeros((B, T), dtype=torch.float32)  # each segment's weight, masked to labels below
     for r, row in enumerate(rows):
         ids[r, :P] = torch.tensor(seqs[row[0]].ids[:P], dtype=torch.long)  # the prefix: unsupervised
         positions[r, :P] = torch.arange(P)
@@ -113,7 +138,8 @@ def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, sh
             start = end
     weights = torch.where(labels != IGNORE_INDEX, weights, 0.0) if weighted else None  # (B, T)
     n_tokens = P * len(rows) + sum(len(s.ids) - P for s in seqs)
-    index, targets, slot_weights = supervised_slots(labels, weights)
+    n_slots = bucket_slots(sum(s.n_supervised for s in seqs)) if fixed_shape else None
+    index, targets, slot_weights = supervised_slots(labels, weights, n_slots)
     slots = dict(weights=weights, n_tokens=n_tokens, index=index, targets=targets, slot_weights=slot_weights)
     if flex:
         return Batch(ids, labels, positions, segments=segments, **slots)
@@ -124,17 +150,23 @@ def pack(seqs: list[Sequence], pad_id: int, max_len: int, flex: bool = False, sh
 class BatchLayout:
     """How a micro-batch's examples become model inputs: right-padded rows (`padded_batch`), or packed rows of
     at most max_len tokens (`pack`), with flex_attention BlockMasks (`flex`) and the shared prompt prefix once a
-    row (`share_prefix`). Every layout gives the same update."""
+    row (`share_prefix`), each micro-batch in one of a few fixed shapes (`fixed_shapes`, for CUDA graphs).
+    Every layout gives the same update."""
     packing: bool = False
     max_len: int = 512
     flex: bool = False
     share_prefix: bool = False
+    fixed_shapes: bool = False
 
     def __post_init__(self) -> None:
-        if (self.flex or self.share_prefix) and not self.packing:
-            raise ValueError("flex attention and a shared prefix apply to packed rows: add packing")
+        if (self.flex or self.share_prefix or self.fixed_shapes) and not self.packing:
+            raise ValueError("flex attention, a shared prefix and fixed shapes apply to packed rows: add packing")
+        if self.fixed_shapes and self.flex:
+            # a BlockMask is built from the segments on the device every micro-batch, outside any static buffer
+            raise ValueError("fixed shapes (CUDA graphs) take the bool SDPA mask, not flex attention's BlockMask")
 
     def batch(self, seqs: list[Sequence], pad_id: int) -> Batch:
         if self.packing:
-            return pack(seqs, pad_id, self.max_len, flex=self.flex, share_prefix=self.share_prefix)
+            return pack(seqs, pad_id, self.max_len, flex=self.flex, share_prefix=self.share_prefix,
+                        fixed_shape=self.fixed_shapes)
         return padded_batch(seqs, pad_id)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 RESUME_MUTABLE = {"resume", "log_every", "save_every", "keep_last", "eval_every", "eval_max_examples",
                   "eval_batch_size", "device", "kernels", "activation_checkpointing", "fused_lora",
-                  "packed_attention", "out_dir",
+                  "packed_attention", "cuda_graphs", "out_dir",
                   "micro_batch", "grad_accum"}  # the last two: only their product with the processes is fixed
 
 

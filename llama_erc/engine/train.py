@@ -33,6 +33,12 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.packed_attention == "flex" and rt.device.type != "cuda":
             raise ValueError(f"--packed_attention flex trains on CUDA only (flex_attention has no {rt.device.type} "
                              "backward in torch 2.13); use --packed_attention sdpa")
+        if cfg.cuda_graphs and rt.world_size > 1:
+            raise ValueError(f"--cuda_graphs captures one process's step, got {rt.world_size} processes "
+                             "(DistributedDataParallel's gradient hooks are not captured); run one process")
+        if cfg.cuda_graphs and rt.device.type != "cuda" and rt.is_main:
+            print(f"--cuda_graphs on {rt.device.type}: the fixed-shape batches run eagerly (capture needs CUDA)",
+                  flush=True)
         seed_everything(cfg.seed)
         init_file = init_adapters_file(cfg.init_adapters, asdict(cfg)) if cfg.init_adapters else None
         codec = load_codec(cfg.model, cfg.tokenizer, cfg.prompt_format)

@@ -1,0 +1,107 @@
+"""CUDA graphs for the training step (train.py --cuda_graphs): one captured forward + backward per batch shape.
+
+Why: an ERC micro-batch is small (8 examples of ~100 tokens), so on a large GPU the step is bound by kernel
+launches (thousands per micro-batch), not by the matmuls. A CUDA graph replays a captured sequence of kernels
+with one launch. Replay needs fixed shapes and fixed addresses, so with --cuda_graphs every micro-batch is packed
+into one of a few shapes (engine/packing.py: fixed_shape; rows x max_len and a supervised gather of a bucketed
+length, engine/batching.py: supervised_slots) and each shape is captured once, the first time it occurs.
+
+How (PyTorch's whole-network capture recipe, docs: "CUDA Graphs" in the CUDA semantics notes):
+- static inputs: a buffer per loss input of the shape (ids, targets, positions, mask, slot weights, index) and
+  one 0-d loss scale, world_size / weight_sum, which changes every step. Each micro-batch is copied into its
+  shape's buffers, then the graph is replayed.
+- gradients accumulate across micro-batches and shapes: the adapters' .grad tensors exist (zeros) before any
+  capture, so every captured backward adds into them in place, as eager accumulation does. The step must then
+  zero them in place (zero_grad(set_to_none=False)): every graph writes to those addresses.
+- warm-up: a few eager iterations on a side stream before capture (lazy initialisation, Triton compilation,
+  library workspaces). Capture may happen mid-step, when a new shape first appears, so the gradients are saved
+  before the warm-up and restored after it: the step's accumulation is left as it was.
+- all graphs share one memory pool: they never run concurrently, nothing an earlier replay wrote is read after a
+  later one (the loss is copied out right after its replay), and parameters and gradients live outside the pool.
+- the optimizer step (clip, finite check, AdamW, fused on CUDA) runs eagerly after the replays: the lr changes
+  every step, which a captured step would freeze, and fused AdamW is already a few launches. The finite check
+  reads the loss and the gradient norm: one device-to-host sync per optimizer step.
+Refused: several processes (DDP's all-reduce hooks run inside backward), a CPU device (train.py runs the same
+fixed-shape batches eagerly there). With LoRA dropout the masks come from the graph-safe generator and differ
+from the eager step's, as another seed would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from llama_erc.engine.batching import Batch
+
+WARMUP_ITERS = 3  # eager iterations before a capture, as in PyTorch's recipe
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple  # static buffers, one per loss input (None where the batch has none)
+    loss: Tensor  # 0-d: the replay's summed loss
+
+
+class StepGraphs:
+    """Forward + backward of SupervisedLoss, captured once per input shape and replayed:
+    `loss = graphs(batch, scale)` does what `loss = loss_fn(*batch.loss_inputs()); (loss * scale).backward()`
+    does, returning the summed loss detached."""
+
+    def __init__(self, loss_fn: nn.Module, params: list[nn.Parameter], warmup_iters: int = WARMUP_ITERS):
+        if isinstance(loss_fn, nn.parallel.DistributedDataParallel):
+            raise ValueError("CUDA graphs capture one process's step: DistributedDataParallel's gradient hooks "
+                             "are not captured; run with one process")
+        devices = {p.device for p in params}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            raise ValueError("CUDA graphs need the trainable parameters on one CUDA device, got "
+                             f"{sorted(map(str, devices))}")
+        self.loss_fn, self.params, self.warmup_iters = loss_fn, params, warmup_iters
+        self.device = next(iter(devices))
+        self.scale = torch.zeros((), device=self.device)  # static: world_size / weight_sum of the current step
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, _Captured] = {}
+
+    def __call__(self, batch: Batch, scale: float) -> Tensor:
+        inputs = batch.loss_inputs()
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(inputs)
+        for static, t in zip(captured.inputs, inputs):
+            if static is not None:
+                static.copy_(t, non_blocking=True)
+        self.scale.fill_(scale)  # a kernel argument, not a host read: no sync
+        captured.graph.replay()
+        return captured.loss.clone()  # out of the shared pool before another graph may reuse its memory
+
+    def _forward_backward(self, inputs: tuple) -> Tensor:
+        loss = self.loss_fn(*inputs)
+        (loss * self.scale).backward()
+        return loss.detach()
+
+    def _capture(self, inputs: tuple) -> _Captured:
+        for p in self.params:  # accumulate in place from the first capture on (module docstring)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        saved = [p.grad.clone() for p in self.params]
+        static = tuple(None if t is None else t.clone() for t in inputs)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_iters):
+                self._forward_backward(static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        with torch.no_grad():  # the warm-up's gradients were not this step's
+            for p, g in zip(self.params, saved):
+                p.grad.copy_(g)
+        graph = torch.cuda.CUDAGraph()
+        shapes = [None if t is None else tuple(t.shape) for t in inputs]
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss = self._forward_backward(static)
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing the training step for input shapes {shapes} failed ({e}); train "
+                               "without --cuda_graphs") from e
+        return _Captured(graph, static, loss)
