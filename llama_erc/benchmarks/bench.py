@@ -3,6 +3,7 @@ bench.py at the repository root (and the `llama-erc-bench` console script) runs 
 
     python bench.py --mode erc   [--packing] [--packed-attention flex] [--fused-lora] [--compile] [--kernels on|off]
     python bench.py --mode erc   --variants base,packing,packing+prefix,packing+flex,packing+fused+selective+compile
+    python bench.py --mode erc   --checkpointing off --variants packing+prefix,packing+prefix+graphs
     python bench.py --mode fixed [--seq-len 512]
 
 Systems (each built, run and freed in turn, on identical batches):
@@ -15,8 +16,10 @@ Systems (each built, run and freed in turn, on identical batches):
                   such configurations one after the other as systems `ours[packing+flex]` etc. (`prefix`: the
                   prompts' common instruction held once per packed row, engine/packing.py; `selective`: selective
                   activation checkpointing, model/llama.py; `nf4`, `q8_0`: the frozen base held quantized, model/quant.py,
-                  as --base-quant does for every variant); the headline ratios use the fastest of them (named in
-                  the report as `headline`).
+                  as --base-quant does for every variant; `graphs`: fixed-shape packed batches whose forward +
+                  backward are one CUDA graph per shape, engine/graphs.py, captured in an untimed pass over the
+                  batches first, with --checkpointing off as long as activation checkpointing is not known to
+                  capture); the headline ratios use the fastest of them (named in the report as `headline`).
     hf_peft_bf16  transformers LlamaForCausalLM (SDPA) + PEFT LoRA, adapters kept in bf16
                   (get_peft_model(..., autocast_adapter_dtype=False)); the baseline the ratios use.
     hf_peft_fp32  the same with PEFT's default fp32 adapters.
@@ -73,6 +76,7 @@ from llama_erc.data import (DataConfig, PromptCodec, Sequence, build_codec, enco
 from llama_erc.demo import DEMO_DATA
 from llama_erc.engine.build import build_lora_model
 from llama_erc.engine.decode import predict_labels
+from llama_erc.engine.graphs import StepGraphs
 from llama_erc.engine.loss import SupervisedLoss
 from llama_erc.engine.optim import OptimConfig, make_optimizer, trainable_parameters
 from llama_erc.engine.packing import BatchLayout
@@ -95,10 +99,14 @@ class Variant:
     selective: bool = False  # selective activation checkpointing (with --checkpointing on; HF stays full)
     nf4: bool = False  # the frozen base held as NF4 (model/quant.py), whatever --base-quant says
     q8_0: bool = False  # ... as GGUF Q8_0
+    cuda_graphs: bool = False  # fixed-shape packed batches, each shape's forward + backward a CUDA graph
 
     def __post_init__(self) -> None:
-        if (self.flex or self.share_prefix) and not self.packing:
-            raise ValueError(f"variant {self.spec!r}: flex and prefix apply to packed rows, add packing")
+        if (self.flex or self.share_prefix or self.cuda_graphs) and not self.packing:
+            raise ValueError(f"variant {self.spec!r}: flex, prefix and graphs apply to packed rows, add packing")
+        if self.cuda_graphs and (self.flex or self.compile):
+            raise ValueError(f"variant {self.spec!r}: graphs take the bool SDPA mask and eager blocks (not flex, "
+                             "not compile)")
         if self.nf4 and self.q8_0:
             raise ValueError(f"variant {self.spec!r}: one base quantization at a time")
 
@@ -120,7 +128,7 @@ class Variant:
 
 VARIANT_TOKENS = {"packing": "packing", "flex": "flex", "prefix": "share_prefix", "fused": "fused_lora",
                   "compile": "compile", "selective": "selective", "nf4": "nf4",
-                  "q8_0": "q8_0"}  # --variants token -> Variant field
+                  "q8_0": "q8_0", "graphs": "cuda_graphs"}  # --variants token -> Variant field
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -257,11 +265,14 @@ def ours_step(net, args, variant: Variant, rt, pad_id: int):
     params = trainable_parameters(net)
     opt = make_optimizer(params, OptimConfig(lr=args.lr))
     layout = BatchLayout(packing=variant.packing, max_len=args.max_len, flex=variant.flex,
-                         share_prefix=variant.share_prefix)
+                         share_prefix=variant.share_prefix, fixed_shapes=variant.cuda_graphs)
+    # graphs: captured on CUDA (engine/graphs.py); on a CPU the fixed-shape batches run eagerly
+    graphs = StepGraphs(loss_fn, params) if variant.cuda_graphs and rt.device.type == "cuda" else None
 
     def step(seqs: list[Sequence]) -> tuple[float, int]:
         result = train_step(loss_fn, opt, params, [seqs], layout=layout, pad_id=pad_id,
-                            weight_sum=sum(s.supervised_weight for s in seqs), grad_clip=1.0, device=rt.device)
+                            weight_sum=sum(s.supervised_weight for s in seqs), grad_clip=1.0, device=rt.device,
+                            graphs=graphs)
         return result.loss, result.computed_tokens
     return step
 
@@ -382,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
                 # changes: two untimed passes over the warm-up batches keep it out of the measured steps (the
                 # peak memory includes them)
                 for seqs in batches[:args.warmup] * 2:
+                    step(seqs)
+            if variant is not None and variant.cuda_graphs and device.type == "cuda":
+                # each batch shape is captured the first time it occurs: one untimed pass over every batch
+                # captures all the shapes the measured steps replay (the peak memory includes the captures)
+                for seqs in batches:
                     step(seqs)
             systems[name] = {**time_training(step, batches, args.warmup, mcfg, device, peak_tflops),
                              "resident_gb_at_start": resident_gb, "variant": variant and variant.spec}

@@ -24,6 +24,10 @@ How (PyTorch's whole-network capture recipe, docs: "CUDA Graphs" in the CUDA sem
 Refused: several processes (DDP's all-reduce hooks run inside backward), a CPU device (train.py runs the same
 fixed-shape batches eagerly there). With LoRA dropout the masks come from the graph-safe generator and differ
 from the eager step's, as another seed would.
+Not yet run on a GPU (written in a session without one): whether activation checkpointing captures is open.
+torch.utils.checkpoint stashes the CUDA RNG state in every checkpointed forward, and reading that state is what
+a capture may refuse; a failed capture raises with the input shapes named. tests/engine/test_graphs.py's
+gpu-marked test covers --activation_checkpointing none and full.
 """
 from __future__ import annotations
 

@@ -72,7 +72,8 @@ def test_bench_variants_run_side_by_side_and_a_failure_is_recorded(tmp_path):
     assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["flex", "prefix", "packing+packing", "packing+turbo", ""])
+@pytest.mark.parametrize("spec", ["flex", "prefix", "packing+packing", "packing+turbo", "", "graphs",
+                                  "packing+flex+graphs", "packing+compile+graphs"])
 def test_bench_rejects_bad_variants(spec):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "cpu", "--variants", f"base,{spec}" if spec else "base,,+"])
@@ -106,3 +107,19 @@ def test_bench_ours_on_a_quantized_base(tmp_path):
                        "--out", str(tmp_path / "q")]) == 0
     r = _report(tmp_path / "q")
     assert r["config"]["base_quant"] == "nf4" and r["systems"]["ours"]["tokens_per_s"] > 0
+
+
+def test_bench_graphs_variant_runs_fixed_shapes_eagerly_on_cpu(tmp_path):
+    """The graphs variant on a CPU: the fixed-shape batches run eagerly (capture needs CUDA; the GPU numbers
+    come from a GPU session), computing the packed variant's losses."""
+    texts = [u.text for d in load_dialogues("meld", DEMO_DATA, "train") for u in d.utterances]
+    tok = tmp_path / "tokenizer.model"
+    train_tokenizer(texts + list(MELD_LABELS) + ["Identify the emotion of the target utterance"], 400, tok)
+    assert bench.main([*TINY, "--mode", "erc", "--meld", str(DEMO_DATA), "--tokenizer", str(tok), "--micro-batch", "4",
+                       "--eval-examples", "0", "--systems", "ours",
+                       "--variants", "packing+prefix,packing+prefix+graphs", "--out", str(tmp_path / "out")]) == 0
+    r = _report(tmp_path / "out")
+    packed, graphs = r["systems"]["ours[packing+prefix]"], r["systems"]["ours[packing+prefix+graphs]"]
+    assert graphs["computed_token_fraction"] == packed["computed_token_fraction"]  # padding is not counted
+    assert graphs["loss_first"] == pytest.approx(packed["loss_first"], rel=1e-5)
+    assert graphs["loss_last"] == pytest.approx(packed["loss_last"], rel=1e-4)
