@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from llama_erc.data import PromptCodec, build_codec, find_tokenizer, load_tokenizer
+from llama_erc.engine.memory import choose_checkpointing, free_memory
 from llama_erc.engine.runtime import Runtime
 from llama_erc.kernels import select_ops
 from llama_erc.model import MODEL_PRESETS, LoRAConfig, ModelConfig, Transformer, apply_lora, load_pretrained, preset
@@ -26,13 +27,15 @@ def load_codec(model: str, tokenizer: str, prompt_format: str) -> PromptCodec:
 
 def build_lora_model(model: str, rt: Runtime, lora: LoRAConfig | None, *, vocab_size: int | None = None,
                      seed: int = 0, activation_checkpointing: str = "none", fused_lora: bool = False,
-                     base_quant: str = "none") -> tuple[Transformer, ModelConfig]:
+                     base_quant: str = "none", tokens: int = 0) -> tuple[Transformer, ModelConfig]:
     """(model, its config). `model` is a checkpoint (a directory or a .gguf file) or a preset name, whose
     vocabulary then comes from the tokenizer (`vocab_size`); its random weights are drawn with `seed`. The op
     set follows rt.use_kernels (Triton) and `fused_lora` (the one-node LoRA linear). `base_quant` holds the
     frozen base quantized (model/quant.py; a preset's random weights are quantized after they are drawn). With
     `lora`, adapters are applied (their init drawn from `seed` too) and are the only trainable tensors;
-    without, the base alone."""
+    without, the base alone. activation_checkpointing "auto" is resolved once the weights are in memory, for
+    micro-batches of `tokens` tokens (engine/memory.py; printed on the main process): read the choice from
+    the model's activation_checkpointing."""
     if Path(model).is_dir() or Path(model).suffix.lower() == ".gguf":
         net = load_pretrained(model, dtype=rt.dtype, device=rt.device, base_quant=base_quant)
         mcfg = net.config
@@ -55,6 +58,11 @@ def build_lora_model(model: str, rt: Runtime, lora: LoRAConfig | None, *, vocab_
                          f"({', '.join(MODEL_PRESETS)})")
     if vocab_size is not None and vocab_size > mcfg.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} pieces but the model's vocabulary is {mcfg.vocab_size}")
+    if activation_checkpointing == "auto":
+        activation_checkpointing, why = choose_checkpointing(mcfg, rt.dtype, lora, tokens, free_memory(rt.device),
+                                                             eager=not (rt.use_kernels and fused_lora))
+        if rt.is_main:
+            print(f"activation checkpointing: {why}", flush=True)
     net.activation_checkpointing = activation_checkpointing
     if lora is not None:
         torch.manual_seed(seed)  # adapter init (kaiming A) is seeded independently of the base weights

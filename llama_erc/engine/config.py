@@ -35,7 +35,9 @@ class TrainConfig(DataConfig):
     dtype: str = "auto"  # base weights and activations: auto (engine/runtime.py) | bf16 | fp32 (adapters: fp32)
     device: str = "auto"  # auto | cpu | cuda
     kernels: str = "auto"  # Triton kernels: auto (on for CUDA) | on | off
-    activation_checkpointing: str = "full"  # none | full | selective (per block, non-reentrant; model/llama.py)
+    # auto (engine/memory.py: none if one micro-batch's activations fit the free memory, else block, else full) |
+    # none | full | selective | block (per transformer block; model/llama.py, model/recompute.py)
+    activation_checkpointing: str = "auto"
     base_quant: str = "none"  # frozen base held quantized: none | gguf (the file's blocks) | nf4 | q8_0 (model/quant.py)
     # LoRA
     lora_rank: int = LoRAConfig.rank  # each default is defined once, in its sub-config
@@ -80,7 +82,7 @@ class TrainConfig(DataConfig):
         check_choice("dtype", self.dtype, DTYPE_CHOICES)
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_choice("kernels", self.kernels, ("auto", "on", "off"))
-        check_choice("activation_checkpointing", self.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+        check_choice("activation_checkpointing", self.activation_checkpointing, ("auto", *ACTIVATION_CHECKPOINTING))
         check_choice("base_quant", self.base_quant, BASE_QUANT)
         check_choice("packed_attention", self.packed_attention, ("sdpa", "flex"))
         if self.packed_attention == "flex" and not self.packing:

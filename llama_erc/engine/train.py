@@ -48,14 +48,17 @@ def train(cfg: TrainConfig) -> dict:
                 print(line, flush=True)
         train_seqs, fingerprints = training_data(cfg.data, codec, cfg.seed, guard)
         dev = dev_sets(cfg.data, guard)
+        model, mcfg = build_lora_model(cfg.model, rt, cfg.lora, vocab_size=codec.vocab_size, seed=cfg.seed,
+                                       activation_checkpointing=cfg.activation_checkpointing,
+                                       fused_lora=cfg.fused_lora, base_quant=cfg.base_quant,
+                                       tokens=cfg.micro_batch * cfg.max_len)  # a micro-batch's rows at most
+        # auto's choice is the run's: recorded in config.json and in every checkpoint's run record
+        cfg = replace(cfg, activation_checkpointing=model.activation_checkpointing)
         if rt.is_main:
             out = Path(cfg.out_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
             print(f"config: {json.dumps(asdict(cfg), sort_keys=True)}", flush=True)
-        model, mcfg = build_lora_model(cfg.model, rt, cfg.lora, vocab_size=codec.vocab_size, seed=cfg.seed,
-                                       activation_checkpointing=cfg.activation_checkpointing,
-                                       fused_lora=cfg.fused_lora, base_quant=cfg.base_quant)
         if init_file is not None:
             # A new stage: only the adapter weights carry over; optimizer, step and lr schedule start fresh. On
             # --resume, train_loop then copies the checkpoint's adapters over all of these, so the checkpoint wins.

@@ -14,14 +14,16 @@ from llama_erc.engine.loop import train_loop
 from tests.engine.helpers import ADAM_EPS, base_cfg, synthetic_sequences, tiny_setup
 
 
-@pytest.mark.parametrize("base_quant", ["none", "nf4"])  # nf4: the packed base is a frozen uint8 parameter
-def test_two_process_ddp_matches_single_process(tmp_path, base_quant):
+# nf4: the packed base is a frozen uint8 parameter; block: the adapters are inputs of one autograd node per block,
+# whose gradients leave it once each (DDP's hooks), compared with a single process without checkpointing
+@pytest.mark.parametrize("base_quant,checkpointing", [("none", "none"), ("nf4", "none"), ("none", "block")])
+def test_two_process_ddp_matches_single_process(tmp_path, base_quant, checkpointing):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     worker = Path(__file__).with_name("ddp_worker.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(worker), str(tmp_path / "ddp"), base_quant], env=env, capture_output=True, text=True,
-                          timeout=300)
+                           str(worker), str(tmp_path / "ddp"), base_quant, checkpointing], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ddp = load_file(str(list_checkpoints(tmp_path / "ddp" / "run")[-1] / "adapters.safetensors"))
 
