@@ -65,13 +65,20 @@ def check_same_device(kernel, **tensors: Tensor) -> torch.device:
 def cast_rne(x, DTYPE: tl.constexpr):
     """fp32 x -> DTYPE, rounding to nearest even. Use it for every store and emulated rounding to bf16.
 
-    The GPU's fp32 -> bf16 conversion rounds to nearest even, but Triton's interpreter (3.x) truncates, which
-    doubles the rounding error on CPU. So bf16 is rounded here with integer ops on the fp32 bits (add half an
-    ulp of bf16, plus one if the kept lsb is odd, then drop the low 16 bits); the final cast is then exact on
-    both backends. NaNs are kept as they are.
+    Compiled, x.to(bf16) is the GPU's conversion (cvt.rn.bf16.f32), which already rounds to nearest even, so
+    nothing is emulated there. Triton's interpreter (3.x) truncates instead, which doubles the rounding error on
+    CPU; under the interpreter only (EMULATE_RNE), bf16 is rounded here with integer ops on the fp32 bits (add
+    half an ulp of bf16, plus one if the kept lsb is odd, then drop the low 16 bits), after which the final cast
+    is exact. Both give the same bits for every finite x and inf; NaNs stay NaN (payloads may differ).
     """
-    if DTYPE == tl.bfloat16:
+    if EMULATE_RNE and DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x.to(DTYPE)
+
+
+# True when @triton.jit gave interpreter functions (TRITON_INTERPRET=1 when this module was imported): the very
+# decision the decorator made above, so the emulation and the interpreter always go together. A tl.constexpr,
+# because a compiled kernel may read a module global only as a constant.
+EMULATE_RNE = tl.constexpr(isinstance(cast_rne, InterpretedFunction))

@@ -31,3 +31,32 @@ def test_kernels_compile_for_sm90_without_spills():
         "_dequant_k_kernel", "_dequant_q6_k_kernel", "_dequant_nf4_kernel"}
     spills = [r for r in rows if r["stack"] or r["local"]]
     assert not spills, f"register spills: {spills}"
+
+
+PTX_CHECK = """
+import importlib, json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+m = importlib.import_module("llama_erc.kernels.swiglu")
+sig = {"dy_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16", "dg_ptr": "*bf16", "du_ptr": "*bf16", "M": "i32",
+       "F": "i32", **{s: "i32" for s in ("stride_dym", "stride_gm", "stride_um")},
+       **{s: "constexpr" for s in ("stride_dyf", "stride_gf", "stride_uf", "BLOCK_M", "BLOCK_F")}}
+c = triton.compile(ASTSource(fn=m._swiglu_bwd_kernel, signature=sig,
+                             constexprs=dict(stride_dyf=1, stride_gf=1, stride_uf=1, BLOCK_M=4, BLOCK_F=1024)),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+ptx = c.asm["ptx"]
+print(json.dumps({"cvt_rn_bf16": ptx.count("cvt.rn.bf16"), "emulation_mask": ptx.count("-65536")}))
+"""
+
+
+@pytest.mark.skipif(not (BIN / "ptxas").exists(), reason="Triton's bundled ptxas missing")
+def test_compiled_bf16_stores_use_the_hardware_conversion():
+    # cast_rne emulates round-to-nearest-even only under the interpreter: compiled, the stores are cvt.rn.bf16
+    # (the GPU's own rounding to nearest even) and the integer emulation (its & 0xFFFF0000 mask) is gone
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", PTX_CHECK], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=HERE.parents[1])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["cvt_rn_bf16"] >= 1 and counts["emulation_mask"] == 0, counts

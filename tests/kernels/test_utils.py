@@ -48,3 +48,15 @@ def test_cast_rne_matches_torch_rounding(dtype, device):
     ref = x.to(dtype)
     same = (y == ref) | (y.isnan() & ref.isnan())
     assert same.all(), f"{(~same).sum().item()} values rounded differently, e.g. {x[~same][:4].tolist()}"
+
+
+def test_rne_emulated_only_under_the_interpreter():
+    # the integer emulation runs where Triton's interpreter truncates; compiled kernels keep the GPU's own
+    # conversion, which rounds to nearest even (test_compile_sm90 checks the PTX)
+    import os
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from llama_erc.kernels._utils import EMULATE_RNE
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    assert bool(EMULATE_RNE) == interpreted == isinstance(_cast_kernel, InterpretedFunction)
