@@ -1,7 +1,7 @@
 """CUDA graphs for the training step (train.py --cuda_graphs): one captured forward + backward per batch shape.
 
 Why: an ERC micro-batch is small (8 examples of ~100 tokens), so on a large GPU the step is bound by kernel
-launches (thousands per micro-batch), not by the matmuls. A CUDA graph replays a captured sequence of kernels
+launches (about 3,000 a step, issue 19), not by the matmuls. A CUDA graph replays a captured sequence of kernels
 with one launch. Replay needs fixed shapes and fixed addresses, so with --cuda_graphs every micro-batch is packed
 into one of a few shapes (engine/packing.py: fixed_shape; rows x max_len and a supervised gather of a bucketed
 length, engine/batching.py: supervised_slots) and each shape is captured once, the first time it occurs.
@@ -20,14 +20,16 @@ How (PyTorch's whole-network capture recipe, docs: "CUDA Graphs" in the CUDA sem
   later one (the loss is copied out right after its replay), and parameters and gradients live outside the pool.
 - the optimizer step (clip, finite check, AdamW, fused on CUDA) runs eagerly after the replays: the lr changes
   every step, which a captured step would freeze, and fused AdamW is already a few launches. The finite check
-  reads the loss and the gradient norm: one device-to-host sync per optimizer step.
+  reads the loss and the gradient norm back at the end of the optimizer step: the host waits on the device there
+  only, once per optimizer step (not per micro-batch).
 Refused: several processes (DDP's all-reduce hooks run inside backward), a CPU device (train.py runs the same
 fixed-shape batches eagerly there). With LoRA dropout the masks come from the graph-safe generator and differ
 from the eager step's, as another seed would.
-Not yet run on a GPU (written in a session without one): whether activation checkpointing captures is open.
-torch.utils.checkpoint stashes the CUDA RNG state in every checkpointed forward, and reading that state is what
-a capture may refuse; a failed capture raises with the input shapes named. tests/engine/test_graphs.py's
-gpu-marked test covers --activation_checkpointing none and full.
+Nothing in this module has run on a GPU yet (it was written in a session without one). Open in particular:
+whether activation checkpointing captures: torch.utils.checkpoint stashes the CUDA RNG state in every
+checkpointed forward, and reading that state is what a capture may refuse (a failed capture raises with the
+input shapes named). tests/engine/test_graphs.py's gpu-marked test covers --activation_checkpointing none and
+full.
 """
 from __future__ import annotations
 

@@ -111,6 +111,20 @@ def test_cuda_graphs_flag_errors(tmp_path):
         StepGraphs(SupervisedLoss(model), trainable_parameters(model))
 
 
+def test_cuda_graphs_refuses_several_processes(tmp_path, monkeypatch):
+    """train.py refuses --cuda_graphs under torchrun with several processes, before the data or model load."""
+    from llama_erc.engine import train as train_module
+    from llama_erc.engine.runtime import Runtime
+
+    two = Runtime(rank=0, local_rank=0, world_size=2, device=torch.device("cpu"), dtype=torch.float32,
+                  use_kernels=False)
+    monkeypatch.setattr(train_module, "setup_runtime", lambda *a: two)
+    monkeypatch.setattr(train_module, "teardown_runtime", lambda: None)
+    cfg = base_cfg(tmp_path, packing=True, cuda_graphs=True, train_data=("meld=/nonexistent",))
+    with pytest.raises(ValueError, match="--cuda_graphs captures one process's step, got 2 processes"):
+        train_module.train(cfg)
+
+
 # ---------------------------------------------------------------- CUDA only: not run without a GPU
 
 @pytest.mark.gpu
