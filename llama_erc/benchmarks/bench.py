@@ -15,7 +15,8 @@ Systems (each built, run and freed in turn, on identical batches):
                   and torch.compile of each block. --variants runs several
                   such configurations one after the other as systems `ours[packing+flex]` etc. (`prefix`: the
                   prompts' common instruction held once per packed row, engine/packing.py; `selective`: selective
-                  activation checkpointing, model/llama.py; `nf4`, `q8_0`: the frozen base held quantized, model/quant.py,
+                  activation checkpointing, model/llama.py; `block`: block recompute, the GEMM outputs kept and
+                  replayed, model/recompute.py; `nf4`, `q8_0`: the frozen base held quantized, model/quant.py,
                   as --base-quant does for every variant; `graphs`: fixed-shape packed batches whose forward +
                   backward are one CUDA graph per shape, engine/graphs.py, captured in an untimed pass over the
                   batches first, with --checkpointing off as long as activation checkpointing is not known to
@@ -97,6 +98,7 @@ class Variant:
     fused_lora: bool = False
     compile: bool = False
     selective: bool = False  # selective activation checkpointing (with --checkpointing on; HF stays full)
+    block: bool = False  # block recompute (model/recompute.py; with --checkpointing on; HF stays full)
     nf4: bool = False  # the frozen base held as NF4 (model/quant.py), whatever --base-quant says
     q8_0: bool = False  # ... as GGUF Q8_0
     cuda_graphs: bool = False  # fixed-shape packed batches, each shape's forward + backward a CUDA graph
@@ -109,6 +111,10 @@ class Variant:
                              "not compile)")
         if self.nf4 and self.q8_0:
             raise ValueError(f"variant {self.spec!r}: one base quantization at a time")
+        if self.block and (self.selective or self.compile):
+            # block swaps its linears' forward for each pass, which a compiled block would recompile every call
+            raise ValueError(f"variant {self.spec!r}: block is one checkpointing policy, not combined with "
+                             "selective or compile")
 
     def base_quant(self, default: str) -> str:
         return "nf4" if self.nf4 else "q8_0" if self.q8_0 else default
@@ -127,7 +133,7 @@ class Variant:
 
 
 VARIANT_TOKENS = {"packing": "packing", "flex": "flex", "prefix": "share_prefix", "fused": "fused_lora",
-                  "compile": "compile", "selective": "selective", "nf4": "nf4",
+                  "compile": "compile", "selective": "selective", "block": "block", "nf4": "nf4",
                   "q8_0": "q8_0", "graphs": "cuda_graphs"}  # --variants token -> Variant field
 
 
@@ -187,8 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                   share_prefix=args.share_prefix, fused_lora=args.fused_lora, compile=args.compile)])
     except ValueError as e:
         p.error(str(e))
-    if args.checkpointing == "off" and any(v.selective for v in args.variants):
-        p.error("--variants: selective checkpointing needs --checkpointing on")
+    if args.checkpointing == "off" and any(v.selective or v.block for v in args.variants):
+        p.error("--variants: selective and block checkpointing need --checkpointing on")
     return args
 
 
@@ -248,7 +254,8 @@ def lora_targets(args) -> tuple[str, ...]:
 
 def build_ours(args, variant: Variant, rt, vocab_size: int | None):
     """The model train.py builds (engine.build.build_lora_model), with the variant's options."""
-    checkpointing = "none" if args.checkpointing == "off" else "selective" if variant.selective else "full"
+    checkpointing = ("none" if args.checkpointing == "off" else "selective" if variant.selective else
+                     "block" if variant.block else "full")
     net, mcfg = build_lora_model(args.model, rt, LoRAConfig(args.lora_rank, args.lora_alpha, args.lora_dropout,
                                                             lora_targets(args)),
                                  vocab_size=vocab_size, seed=args.seed, activation_checkpointing=checkpointing,

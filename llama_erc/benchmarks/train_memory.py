@@ -27,7 +27,7 @@ from llama_erc.engine.optim import OptimConfig, make_optimizer, trainable_parame
 from llama_erc.engine.packing import BatchLayout
 from llama_erc.engine.runtime import DTYPE_CHOICES, peak_memory_gb, setup_runtime
 from llama_erc.engine.step import train_step
-from llama_erc.model import LoRAConfig
+from llama_erc.model import ACTIVATION_CHECKPOINTING, LoRAConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bf16", choices=DTYPE_CHOICES)
     p.add_argument("--kernels", default="auto", choices=("auto", "on", "off"))
-    p.add_argument("--checkpointing", default="full", choices=("none", "full", "selective"))
+    p.add_argument("--checkpointing", default="full", choices=ACTIVATION_CHECKPOINTING)
     p.add_argument("--base_quant", default="none", choices=("none", "nf4", "q8_0"),
                    help="hold the frozen base quantized (model/quant.py); the preset's random weights are drawn, "
                         "then quantized, before the peak is reset")

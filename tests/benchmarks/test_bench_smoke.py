@@ -85,6 +85,16 @@ def test_bench_selective_variant_needs_checkpointing():
         bench.parse_args(["--device", "cpu", "--checkpointing", "off", "--variants", "selective"])
 
 
+def test_bench_block_variant(capsys):
+    assert bench.parse_args(["--device", "cpu", "--variants", "packing+fused+block"]).variants[0].block
+    for argv, message in ((["--checkpointing", "off", "--variants", "block"], "need --checkpointing on"),
+                          (["--variants", "block+compile"], "not combined with selective or compile"),
+                          (["--variants", "block+selective"], "not combined with selective or compile")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cpu", *argv])
+        assert message in capsys.readouterr().err
+
+
 def test_bench_shared_prefix_counts_examples_tokens_and_computed_ones(tmp_path):
     """ERC prompts share their instruction: the prefix variant computes fewer tokens than the examples hold,
     tokens/s still counts the examples' tokens, and MFU counts only what was computed."""
