@@ -101,7 +101,7 @@ def test_checkpointing_mode_is_checked():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "block"])
 def test_checkpointing_matches_on_cuda(mode, dtype):
     """CUDA, Triton kernels, SDPA's CUDA attention ops in the kept set: the same loss and adapter gradients."""
     def run(m: str):
