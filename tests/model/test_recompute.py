@@ -12,7 +12,7 @@ from llama_erc.kernels import select_ops
 from llama_erc.model.config import ModelConfig
 from llama_erc.model.llama import Transformer
 from llama_erc.model.lora import LoRAConfig, apply_lora, lora_state_dict
-from llama_erc.model.quant import quantize_model
+from llama_erc.model.quant import QuantizedWeight, quantize_model
 from llama_erc.model.recompute import KEPT, caches_gemm_outputs
 
 # q8_0 needs rows of whole 32-element blocks: every in-dim (64, 96) is; rank 4 marks the adapter GEMMs
@@ -125,18 +125,27 @@ class _CountBaseGemms(TorchDispatchMode):
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
-def test_block_backward_runs_no_forward_gemm(fused, quant):
-    """Backward base GEMMs: none = one dx per linear; block = the same; full = those + the forward's again."""
-    counts = {}
+def test_block_backward_runs_no_forward_gemm(fused, quant, monkeypatch):
+    """Backward base GEMMs: none = one dx per linear; block = the same; full = those + the forward's again. A
+    quantized base is dequantized in backward as often as under none too (once per linear, for dx)."""
+    dequantized = []
+    original = QuantizedWeight.dequantize
+    monkeypatch.setattr(QuantizedWeight, "dequantize",
+                        lambda self, *a, **k: dequantized.append(1) or original(self, *a, **k))
+    counts, dequants = {}, {}
     for mode in ("none", "block", "full"):
         model = _model(mode, fused=fused, quant=quant)
         tokens, targets, _, _ = _batch(False)
         loss = F.cross_entropy(model(tokens).float().flatten(0, 1), targets.flatten())
+        dequantized.clear()
         with _CountBaseGemms() as c:
             loss.backward()
-        counts[mode] = c.n
+        counts[mode], dequants[mode] = c.n, len(dequantized)
     assert counts["block"] == counts["none"], counts
     assert counts["full"] >= counts["none"] + 6 * CFG.n_layers, counts
+    # none: one per linear whose input needs a gradient (not wq, wk, wv of layer 0: the embedding is frozen)
+    assert dequants["block"] == dequants["none"] == (7 * CFG.n_layers - 3 if quant == "nf4" else 0), dequants
+    assert dequants["full"] == dequants["none"] + (7 * CFG.n_layers if quant == "nf4" else 0), dequants
 
 
 def test_caches_gemm_outputs():
