@@ -105,3 +105,22 @@ def test_gather_path_has_no_data_dependent_op(tmp_path):
     with _DataDependentOps() as ops:  # the check can fail: the boolean path is caught
         SupervisedLoss(model)(b.ids, b.labels, b.positions, b.attention_mask(), b.weights).backward()
     assert "aten.index.Tensor" in ops.found
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["off", "on"])
+def test_gather_step_has_no_device_sync_cuda(tmp_path, kernels):
+    """On CUDA (not run without one): the loss's forward and backward through the fixed-length gather never make
+    the host wait on the device (torch.cuda.set_sync_debug_mode raises on a synchronizing op); the boolean
+    gather does."""
+    model = live_model(base_cfg(tmp_path, device="cuda", kernels=kernels))
+    b = _batches(weighted=True)["packed"].to(torch.device("cuda"))
+    inputs = b.loss_inputs()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        SupervisedLoss(model)(*inputs).backward()
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            SupervisedLoss(model)(b.ids, b.labels, b.positions, b.mask, b.weights)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
