@@ -161,7 +161,7 @@ def test_flex_flag_errors(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective", "block"])
 @pytest.mark.parametrize("share", [False, True])
 def test_flex_loss_and_grads_match_sdpa_cuda(tmp_path, dtype, checkpointing, share):
     """The training twin on CUDA: compiled flex_attention gives the bool-mask SDPA loss and adapter gradients."""
