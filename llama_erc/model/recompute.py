@@ -8,8 +8,9 @@
 
 So backward runs no forward GEMM of the frozen base twice ("full" runs all seven again), while only the tensors
 above are kept between forward and backward ("none" keeps everything autograd saves). Unlike "selective"
-(torch.utils.checkpoint with a per-op policy, a dispatch mode that inspects every op of the block), the work
-here is one Python call per linear and one autograd node per block.
+(torch.utils.checkpoint with a per-op policy: a dispatch mode that intercepts every op of the block, in forward
+and in the recompute), the block's ops run as they do without checkpointing, plus one Python call per linear
+and one outer autograd node per block.
 
 What is kept per linear, (N, out) in the activation dtype either way:
     plain nn.Linear, QuantLinear, merged LoRA   x W^T                replayed by _ReplayLinear / dequant_linear(out=)
