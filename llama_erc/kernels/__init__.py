@@ -2,6 +2,10 @@
 
 Public API (what `model` may import):
     rms_norm, swiglu, apply_rope   Triton kernels, forward and backward (rms_norm.py, swiglu.py, rope.py)
+    apply_rope_qk, apply_rope_qk_  q and k rotated in one launch, into fresh tensors or in place (rope.py)
+    swiglu_                        swiglu whose backward writes the gradients over the saved gate and up
+    in_place_safe                  whether the in-place ops may run here (not under selective checkpointing's
+                                   dispatch mode, which caches the tensors they would overwrite)
     add_rms_norm                   the residual add and the RMSNorm after it in one launch, -> (h, y); its
                                    backward adds h's residual-stream gradient in the same launch (add_rms_norm.py)
     lora_linear                    the LoRA linear as one autograd node (lora_linear.py; torch ops, hand-written
@@ -42,8 +46,9 @@ from llama_erc.kernels.lora_linear import lora_linear
 from llama_erc.kernels.reference_gguf import dequantize_gguf
 from llama_erc.kernels.reference_nf4 import dequantize_nf4
 from llama_erc.kernels.rms_norm import rms_norm
-from llama_erc.kernels.rope import apply_rope
-from llama_erc.kernels.swiglu import swiglu
+from llama_erc.kernels._utils import in_place_safe
+from llama_erc.kernels.rope import apply_rope, apply_rope_qk, apply_rope_qk_
+from llama_erc.kernels.swiglu import swiglu, swiglu_
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,10 @@ class Ops:
     rms_norm: Callable
     add_rms_norm: Callable  # (x, residual, weight, eps) -> (h = x + residual, rms_norm(h)); the block's ffn_norm
     swiglu: Callable
+    swiglu_: Callable  # swiglu writing its backward over gate and up; only where in_place_safe()
     apply_rope: Callable
+    apply_rope_qk: Callable  # (q, k, cos, sin) -> (q, k) rotated, fresh tensors
+    apply_rope_qk_: Callable  # the same into q and k themselves; only where in_place_safe()
     lora_linear: Callable
     dequant_gguf: Callable  # (data, ggml_type, shape, dtype) -> weight; a frozen quantized base's blocks
     dequant_nf4: Callable  # (NF4Weight, dtype) -> weight
@@ -65,7 +73,10 @@ def select_ops(triton: bool = False, fused_lora: bool = False) -> Ops:
     return Ops(rms_norm=rms_norm if triton else REFERENCE.rms_norm,
                add_rms_norm=add_rms_norm if triton else REFERENCE.add_rms_norm,
                swiglu=swiglu if triton else REFERENCE.swiglu,
+               swiglu_=swiglu_ if triton else REFERENCE.swiglu_,
                apply_rope=apply_rope if triton else REFERENCE.apply_rope,
+               apply_rope_qk=apply_rope_qk if triton else REFERENCE.apply_rope_qk,
+               apply_rope_qk_=apply_rope_qk_ if triton else REFERENCE.apply_rope_qk_,
                lora_linear=lora_linear if fused_lora else REFERENCE.lora_linear,
                dequant_gguf=dequant_gguf if triton else dequantize_gguf,
                dequant_nf4=dequant_nf4 if triton else dequantize_nf4)
@@ -73,5 +84,6 @@ def select_ops(triton: bool = False, fused_lora: bool = False) -> Ops:
 
 REFERENCE_OPS = select_ops()
 
-__all__ = ["REFERENCE", "REFERENCE_OPS", "Ops", "add_rms_norm", "apply_rope", "dequant_gguf", "dequant_linear",
-           "dequant_nf4", "lora_linear", "rms_norm", "select_ops", "swiglu"]
+__all__ = ["REFERENCE", "REFERENCE_OPS", "Ops", "add_rms_norm", "apply_rope", "apply_rope_qk", "apply_rope_qk_",
+           "dequant_gguf", "dequant_linear", "dequant_nf4", "in_place_safe", "lora_linear", "rms_norm", "select_ops",
+           "swiglu", "swiglu_"]

@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from triton.runtime.interpreter import InterpretedFunction
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -41,6 +42,18 @@ def rows_per_tile(block_n: int, n_rows: int) -> int:
     return min(triton.next_power_of_2(max(n_rows, 1)), max(1, TILE_ELEMS // block_n))
 
 
+def overridden(block: int, num_warps: int, block_override: int | None, warps_override: int | None,
+               what: str) -> tuple[int, int]:
+    """(block, num_warps) with the benchmark sweep's overrides applied (None keeps the default); each must be a
+    power of two, num_warps at most 32 (1024 threads, the CUDA limit). `what` names the block in errors."""
+    block, num_warps = block_override or block, warps_override or num_warps
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"{what} must be a power of two, got {block}")
+    if not 1 <= num_warps <= 32 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
+    return block, num_warps
+
+
 def check_float(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -59,6 +72,20 @@ def check_same_device(kernel, **tensors: Tensor) -> torch.device:
         raise ValueError(f"Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before "
                          f"`kernels` is imported); got tensors on {device}")
     return device
+
+
+def in_place_safe() -> bool:
+    """Whether an in-place kernel may overwrite its inputs here: not while a torch dispatch mode is active.
+
+    Selective activation checkpointing (torch.utils.checkpoint.create_selective_checkpoint_contexts) sees every
+    op of the checkpointed forward through a dispatch mode and keeps the outputs its policy saves (the model's
+    matmul outputs: q, k, gate, up), to hand the very same tensors back when the block is recomputed. An
+    in-place kernel writing into one of them would make the recomputation start from the rotated q, or a
+    backward that overwrote gate would leave a cached gate that is no longer gate. Plain (full) checkpointing
+    keeps no op output and needs no mode, so it stays in place. Any other active mode (torch.compile's tracing,
+    FlopCounterMode) is refused too: an out-of-place op computes the same bits, so refusing costs only memory.
+    """
+    return not is_in_torch_dispatch_mode()
 
 
 @triton.jit

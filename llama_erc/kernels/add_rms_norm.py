@@ -68,7 +68,8 @@ def _check(w: Tensor, **rows: Tensor) -> None:
                          f"{first} is {tuple(t0.shape)}")
 
 
-def add_rms_norm_fwd(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def add_rms_norm_fwd(x: Tensor, r: Tensor, w: Tensor, eps: float, block_m: int | None = None,
+                     num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """x, r: (..., N), w: (N,) -> h (..., N) in promote_types(x, r), y (..., N) in promote_types(h, w),
     rstd (M,) fp32 with M = x.numel() / N."""
     _check(w, x=x, residual=r)
@@ -76,7 +77,7 @@ def add_rms_norm_fwd(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tenso
     N = x.shape[-1]
     x2d, r2d = x.reshape(-1, N), r.reshape(-1, N)  # (M, N) each: views when the leading dims merge, else copies
     M = x2d.shape[0]
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N)
+    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, block_m, num_warps)
     h_dtype = torch.promote_types(x.dtype, r.dtype)
     h = torch.empty((M, N), dtype=h_dtype, device=x.device)
     y = torch.empty((M, N), dtype=torch.promote_types(h_dtype, w.dtype), device=x.device)
@@ -90,11 +91,13 @@ def add_rms_norm_fwd(x: Tensor, r: Tensor, w: Tensor, eps: float) -> tuple[Tenso
 
 
 def add_rms_norm_bwd(dy: Tensor, dh: Tensor | None, h: Tensor, w: Tensor, rstd: Tensor, need_dx: bool = True,
-                     need_dw: bool = True) -> tuple[Tensor | None, Tensor | None]:
+                     need_dw: bool = True, block_m: int | None = None,
+                     num_warps: int | None = None) -> tuple[Tensor | None, Tensor | None]:
     """dy, dh (or None), h: (..., N), w: (N,), rstd: (M,) -> dsum (..., N) in h.dtype, the gradient of h that
     x and r both receive, or None; dw (N,) in w.dtype or None. RMSNorm's own backward launch with h's
     residual-stream gradient dh added before its one rounding (rms_norm.py, HAS_DRES)."""
-    return rms_norm_bwd(dy, h, w, rstd, need_dx=need_dx, need_dw=need_dw, dres=dh)
+    return rms_norm_bwd(dy, h, w, rstd, need_dx=need_dx, need_dw=need_dw, dres=dh, block_m=block_m,
+                        num_warps=num_warps)
 
 
 class AddRMSNormFunction(torch.autograd.Function):

@@ -6,11 +6,14 @@ No triton import here, so the model can always fall back to these (CPU, debuggin
     add_rms_norm(x, r, w, eps)
                           h = x + r (one rounding, as torch's add), y = rms_norm(h, w, eps) -> (h, y)
     swiglu(gate, up)      y = silu(gate) * up                                         (in the input dtype)
+    swiglu_(gate, up)     the same (the kernel's backward writes over gate and up; autograd's does not)
     apply_rope(x, c, s)   interleaved pairs (x[2i], x[2i+1]) rotated by angle theta_i:
                             y[2i]   = x[2i] * c_i - x[2i+1] * s_i
                             y[2i+1] = x[2i] * s_i + x[2i+1] * c_i
                           computed in fp32 from fp32 cos/sin, cast back to x.dtype  (Meta's complex multiply)
     rope_cos_sin(pos, head_dim, theta)  fp32 tables (..., head_dim/2) for positions of any leading shape.
+    apply_rope_qk(q, k, c, s)   (apply_rope(q, c, s), apply_rope(k, c, s)): q and k rotated by one call
+    apply_rope_qk_(q, k, c, s)  the same values copied back into q and k (the in-place op's semantics)
     lora_linear(x, W, A, B, s, p, training)
                           y = x W^T + s * (dropout_p(x) A^T) B^T, A and B cast to x.dtype     (LoRA, eager)
                           W may be a frozen quantized weight: x deq(W)^T through dequant_linear.py's node
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from llama_erc.kernels.dequant_linear import dequant_linear
 
@@ -51,6 +55,15 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_(gate: Tensor, up: Tensor) -> Tensor:
+    """swiglu, the twin of the op whose backward writes over gate and up: the same values and gradients
+    (autograd's backward writes nothing in place). Refused, like the kernel, under an active dispatch mode."""
+    if is_in_torch_dispatch_mode():
+        raise RuntimeError("swiglu_: refused under an active torch dispatch mode (selective activation "
+                           "checkpointing keeps gate and up); use swiglu")
+    return swiglu(gate, up)
+
+
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
     """positions: (T,) or (B, T) integer -> cos, sin: (T, Dh/2) or (B, T, Dh/2), both fp32."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
@@ -68,6 +81,41 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     x0, x1 = pairs[..., 0], pairs[..., 1]
     y = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, H, Dh/2, 2)
     return y.reshape(B, T, H, Dh).to(x.dtype)
+
+
+def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q (B, T, H, Dh), k (B, T, Hkv, Dh); cos, sin as apply_rope -> (apply_rope(q), apply_rope(k)), fresh."""
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def in_place_owner(x: Tensor) -> Tensor | None:
+    """The tensor on which autograd can record an in-place rotation of x, or None where it cannot.
+
+    x itself when x is no view; the tensor x views when x is all of it in the same order (a contiguous view of
+    a contiguous tensor: wq(x).view(B, T, H, Dh)), so that its gradient is x's reshaped. None for other views: a
+    part of a fused projection or a transpose, and views autograd forbids to write (made inside a custom
+    Function, e.g. the fused LoRA linear's output; by a multi-output op such as chunk; under no_grad)."""
+    base = x._base  # torch's record of the tensor x is a view of (None for a non-view)
+    if base is None:
+        return x
+    if torch._C._autograd._get_creation_meta(x) != torch._C._autograd.CreationMeta.DEFAULT:
+        return None  # autograd refuses an in-place write into such a view
+    whole = base.numel() == x.numel() and base.data_ptr() == x.data_ptr()
+    return base if whole and base.is_contiguous() and x.is_contiguous() else None
+
+
+def apply_rope_qk_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """apply_rope_qk's values copied back (copy_) into q and k where the kernel writes in place (no graph, or
+    in_place_owner(x) is not None), else returned as fresh tensors, as the kernel does: the in-place op's
+    values and autograd semantics (dirtied inputs, bumped versions), computed out of place first, so the twin
+    allocates what the kernel saves. Refused, like the kernel, under an active dispatch mode."""
+    if is_in_torch_dispatch_mode():
+        raise RuntimeError("apply_rope_qk_: refused under an active torch dispatch mode (selective activation "
+                           "checkpointing keeps the matmul outputs q and k are views of); use apply_rope_qk")
+    q_rot, k_rot = apply_rope_qk(q, k, cos, sin)
+    tracked = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    return tuple(x.copy_(rot) if not tracked or in_place_owner(x) is not None else rot
+                 for x, rot in ((q, q_rot), (k, k_rot)))
 
 
 def lora_linear(x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, dropout_p: float,

@@ -25,8 +25,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from llama_erc.kernels._utils import (cast_rne, check_float, check_same_device, num_warps_for, row_launch_config,
-                                       rows_per_tile)
+from llama_erc.kernels._utils import (cast_rne, check_float, check_same_device, num_warps_for, overridden,
+                                       row_launch_config, rows_per_tile)
 
 DW_PROGRAMS = 256  # programs that share the dw reduction: partials stay small, yet enough to fill a GPU
 
@@ -102,11 +102,14 @@ def _rms_norm_bwd_kernel(
         tl.store(dw_ptr + pid * N + cols, dw_acc, mask=col_ok)
 
 
-def _launch_config(M: int, N: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): whole rows, stacked up to a tile of TILE_ELEMS."""
+def _launch_config(M: int, N: int, block_m: int | None = None,
+                   num_warps: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows, stacked up to a tile of TILE_ELEMS; block_m (rows per
+    program) and num_warps override the defaults (the benchmark's sweep, benchmarks/kernel_sweep.py)."""
     BLOCK_N, _ = row_launch_config(N)
     BLOCK_M = rows_per_tile(BLOCK_N, M)
-    return BLOCK_M, BLOCK_N, num_warps_for(BLOCK_M * BLOCK_N)
+    BLOCK_M, warps = overridden(BLOCK_M, num_warps_for(BLOCK_M * BLOCK_N), block_m, num_warps, "block_m")
+    return BLOCK_M, BLOCK_N, warps
 
 
 def _check(x: Tensor, w: Tensor) -> None:
@@ -117,14 +120,15 @@ def _check(x: Tensor, w: Tensor) -> None:
                          f"x is {tuple(x.shape)}")
 
 
-def rms_norm_fwd(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def rms_norm_fwd(x: Tensor, w: Tensor, eps: float, block_m: int | None = None,
+                 num_warps: int | None = None) -> tuple[Tensor, Tensor]:
     """x: (..., N), w: (N,) -> y (..., N) in promote_types(x, w), rstd (M,) fp32 with M = x.numel() / N."""
     _check(x, w)
     check_same_device(_rms_norm_fwd_kernel, x=x, weight=w)
     N = x.shape[-1]
     x2d = x.reshape(-1, N)  # (M, N): a view when the leading dims merge, else a copy
     M = x2d.shape[0]
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N)
+    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, block_m, num_warps)
     y = torch.empty((M, N), dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
@@ -135,7 +139,8 @@ def rms_norm_fwd(x: Tensor, w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def rms_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, need_dx: bool = True,
-                 need_dw: bool = True, dres: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+                 need_dw: bool = True, dres: Tensor | None = None, block_m: int | None = None,
+                 num_warps: int | None = None) -> tuple[Tensor | None, Tensor | None]:
     """dy, x: (..., N), w: (N,), rstd: (M,) -> dx (..., N) in x.dtype or None, dw (N,) in w.dtype or None.
 
     dres (..., N), optional: a gradient x receives from elsewhere (the residual stream, add_rms_norm.py), added
@@ -155,7 +160,7 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, need_dx: bool =
     x2d, dy2d = x.reshape(-1, N), dy.reshape(-1, N)  # (M, N) each; strided views are read as they are
     dres2d = dy2d if dres is None else dres.reshape(-1, N)  # unused when dres is None (HAS_DRES=False)
     M = x2d.shape[0]
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N)
+    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, block_m, num_warps)
     n_tiles = triton.cdiv(M, BLOCK_M)
     # without dw: one tile per program for full parallelism; with dw: few programs, each reducing a run of tiles
     tiles_per_program = triton.cdiv(n_tiles, DW_PROGRAMS) if need_dw else 1

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from llama_erc.kernels import REFERENCE_OPS, Ops
+from llama_erc.kernels import REFERENCE_OPS, Ops, in_place_safe
 from llama_erc.model.config import ModelConfig
 from llama_erc.model.recompute import block_recompute
 from llama_erc.model.rope import rope_cos_sin
@@ -87,9 +87,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None = None) -> Tensor:
         B, T, _ = x.shape
-        rope = self.ops.apply_rope
-        q = rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, Dh)
-        k = rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, Dh)
+        # q and k rotated by one launch, in place into the projections' outputs (dead otherwise), unless
+        # checkpointing keeps those outputs for its recomputation: "selective" through a dispatch mode, which
+        # in_place_safe() sees; "block" swaps the op set's `<op>_` fields for the out-of-place ops (recompute.py)
+        rope_qk = self.ops.apply_rope_qk_ if in_place_safe() else self.ops.apply_rope_qk
+        q, k = rope_qk(self.wq(x).view(B, T, self.n_heads, self.head_dim),  # (B, T, H, Dh)
+                       self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, Dh)
         gqa = self.n_kv_heads != self.n_heads
@@ -112,7 +115,10 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.ops.swiglu(self.w1(x), self.w3(x)))
+        # the backward may write over w1's and w3's outputs (read by nothing else) unless checkpointing keeps
+        # them (as for the rotary above)
+        swiglu = self.ops.swiglu_ if in_place_safe() else self.ops.swiglu
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):

@@ -80,6 +80,18 @@ def main() -> int:
                                dict(x_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", y_ptr="*bf16"),
                                dict(BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, BACKWARD=backward,
                                     stride_xd=1, stride_cp=1, stride_sp=1), num_warps))
+    block = swiglu_module.TILE_ELEMS  # swiglu_'s flat in-place backward at its default block
+    rows.append(_usage(swiglu_module._swiglu_bwd_flat_kernel, dict(dy_ptr="*bf16", g_ptr="*bf16", u_ptr="*bf16"),
+                       dict(BLOCK=block), num_warps_for(block)))
+    for n_kv in (32, 8):  # q and k in one launch: 7B (32 kv heads), and GQA with 8
+        BLOCK_T, BLOCK_H, BLOCK_P, _, num_warps = rope_module._qk_launch_config(8, 512, 32, n_kv, 128)
+        for backward in (False, True):
+            rows.append(_usage(rope_module._rope_qk_kernel,
+                               dict(q_ptr="*bf16", k_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", qo_ptr="*bf16",
+                                    ko_ptr="*bf16"),
+                               dict(BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, BACKWARD=backward,
+                                    stride_qd=1, stride_kd=1, stride_qod=1, stride_kod=1, stride_cp=1, stride_sp=1),
+                               num_warps))
     n_elems = 11008 * 4096  # one 7B FFN weight
     for ggml_type, (kernel, extra) in dequant_gguf_module.KERNELS.items():
         elems, nbytes = GGUF_BLOCKS[ggml_type]

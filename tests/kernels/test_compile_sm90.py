@@ -27,7 +27,7 @@ def test_kernels_compile_for_sm90_without_spills():
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {r["kernel"] for r in rows} == {
         "_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel", "_add_rms_norm_fwd_kernel", "_swiglu_fwd_kernel",
-        "_swiglu_bwd_kernel", "_rope_kernel", "_dequant_q8_0_kernel", "_dequant_q4_kernel",
+        "_swiglu_bwd_kernel", "_swiglu_bwd_flat_kernel", "_rope_kernel", "_rope_qk_kernel", "_dequant_q8_0_kernel", "_dequant_q4_kernel",
         "_dequant_k_kernel", "_dequant_q6_k_kernel", "_dequant_nf4_kernel"}
     spills = [r for r in rows if r["stack"] or r["local"]]
     assert not spills, f"register spills: {spills}"
@@ -38,11 +38,8 @@ import importlib, json, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 m = importlib.import_module("llama_erc.kernels.swiglu")
-sig = {"dy_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16", "dg_ptr": "*bf16", "du_ptr": "*bf16", "M": "i32",
-       "F": "i32", **{s: "i32" for s in ("stride_dym", "stride_gm", "stride_um")},
-       **{s: "constexpr" for s in ("stride_dyf", "stride_gf", "stride_uf", "BLOCK_M", "BLOCK_F")}}
-c = triton.compile(ASTSource(fn=m._swiglu_bwd_kernel, signature=sig,
-                             constexprs=dict(stride_dyf=1, stride_gf=1, stride_uf=1, BLOCK_M=4, BLOCK_F=1024)),
+sig = {"dy_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*bf16", "N": "i32", "BLOCK": "constexpr"}
+c = triton.compile(ASTSource(fn=m._swiglu_bwd_flat_kernel, signature=sig, constexprs={"BLOCK": 1024}),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 ptx = c.asm["ptx"]
 print(json.dumps({"cvt_rn_bf16": ptx.count("cvt.rn.bf16"), "emulation_mask": ptx.count("-65536")}))

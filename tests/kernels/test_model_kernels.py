@@ -1,6 +1,8 @@
 """The tiny model running the Triton op set computes what it computes with the pure-torch reference ops:
 same logits, same gradients for every parameter, same loss curve under AdamW. And the reference op set computes
 bit for bit what the block computed before the residual add and ffn_norm became one op (add_rms_norm)."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 import llama_erc.kernels as K
 from llama_erc.kernels import select_ops
 from llama_erc.model import Transformer, preset
-from llama_erc.model.llama import TransformerBlock
+from llama_erc.model.llama import ACTIVATION_CHECKPOINTING, TransformerBlock
 from llama_erc.model.lora import LoRAConfig, apply_lora, lora_state_dict
 from tests.tolerances import TOL, assert_close
 
@@ -151,3 +153,67 @@ def test_reference_ops_bit_identical_to_the_block_before_add_rms_norm(dtype, che
     assert grads.keys() == grads_before.keys() and any(k.endswith("ffn_norm.weight") for k in grads)
     for k, g in grads_before.items():
         assert torch.equal(grads[k], g), k
+
+
+# The in-place ops (q and k rotated into the projections' outputs, SwiGLU's backward over gate and up): used
+# where activation checkpointing keeps no GEMM output, refused where it does, and the same bits either way.
+IN_PLACE = {"apply_rope_qk_": "apply_rope_qk", "swiglu_": "swiglu"}  # each in-place op and its out-of-place op
+
+
+def _counted(ops, calls):
+    """ops with the rotary and SwiGLU fields wrapped to count the calls of each function (by its name) in `calls`."""
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return wrapped
+    names = [*IN_PLACE, *IN_PLACE.values()]
+    return dataclasses.replace(ops, **{n: count(getattr(ops, n).__name__, getattr(ops, n)) for n in names})
+
+
+def _grads_under(mode, dtype, in_place, calls, fused_lora=False):
+    """A LoRA model (wk and w3 left plain: their outputs are bare GEMM outputs, what selective checkpointing
+    keeps) under checkpointing `mode`: its logits and the adapters' and norms' gradients."""
+    torch.manual_seed(0)
+    model = Transformer(CFG, activation_checkpointing=mode)
+    model.init_weights(generator=torch.Generator().manual_seed(0))
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "wv", "wo", "w1", "w2")), verbose=False)
+    with torch.no_grad():  # B = 0 would leave A's gradients zero
+        for p in lora_state_dict(model).values():
+            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("lora_a", "lora_b", "norm.weight")))
+    ops = select_ops(triton=True, fused_lora=fused_lora)
+    if not in_place:  # every in-place field pointed at its out-of-place op
+        ops = dataclasses.replace(ops, **{n: getattr(ops, m) for n, m in IN_PLACE.items()})
+    model.ops = _counted(ops, calls)
+    model.to(dtype)
+    tokens, targets = _batch("cpu")
+    positions = torch.cat([torch.arange(5), torch.arange(7)]).repeat(2, 1)  # per-row (packed) tables
+    logits, loss = _loss(model, tokens, targets, positions)
+    loss.backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("fused_lora", [False, True], ids=["eager-lora", "fused-lora"])
+@pytest.mark.parametrize("mode", ACTIVATION_CHECKPOINTING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_model_in_place_ops_by_checkpointing_mode(mode, dtype, fused_lora):
+    # with the fused LoRA linear, wq's and w1's outputs are views made inside its custom Function: q is rotated
+    # into a fresh tensor (k, from the plain wk, in place), and swiglu_'s backward still writes over gate and up
+    calls, baseline_calls = {}, {}
+    logits, grads = _grads_under(mode, dtype, in_place=True, calls=calls, fused_lora=fused_lora)
+    # the in-place ops run where no GEMM output is kept ("none", "full": recomputed from the block input); under
+    # "selective" (and "block") the outputs they would overwrite are kept, and the model takes the out-of-place op
+    in_place_modes = ("none", "full")
+    for name, out_of_place in IN_PLACE.items():
+        n_calls = (1 if mode == "none" else 2) * CFG.n_layers  # checkpointing runs each block forward again
+        expected = (n_calls, 0) if mode in in_place_modes else (0, n_calls)
+        assert (calls.get(name, 0), calls.get(out_of_place, 0)) == expected, (name, calls)
+    # the same logits and gradients as the out-of-place ops without checkpointing, bit for bit
+    logits_ref, grads_ref = _grads_under("none", dtype, in_place=False, calls=baseline_calls, fused_lora=fused_lora)
+    assert baseline_calls.get("apply_rope_qk_", 0) == baseline_calls.get("swiglu_", 0) == 0
+    assert torch.equal(logits, logits_ref)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        assert torch.equal(grads[name], g), name

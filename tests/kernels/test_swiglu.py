@@ -103,3 +103,110 @@ def test_swiglu_validation(device):
         K.swiglu(torch.tensor(1.0, device=device), torch.tensor(1.0, device=device))
     with pytest.raises(ValueError, match=r"dy \(2, 7\)"):
         swiglu_module.swiglu_bwd(torch.randn(2, 7, device=device), g, g)
+
+
+# swiglu_: the backward written over gate and up by the flat kernel
+
+
+def _non_leaf(op):
+    """op on gate * 1 and up * 1: non-leaf inputs, as the model's w1/w3 outputs (x * 1 is exact and passes its
+    gradient through unchanged), so the in-place backward runs; the leaves receive dgate and dup."""
+    return lambda gate, up: op(gate * 1, up * 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (1, 1), (2, 7, 41), (3, 5, 128), (4097,), (2, 11008)],
+                         ids=["one-row", "one-element", "odd-F", "pow2", "one-past-a-block", "7B-ffn"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_swiglu_in_place_matches_reference(shape, dtype, device):
+    gate, up, dy = _inputs(shape, dtype, device)
+    check_against_reference(_non_leaf(K.swiglu_), REF.swiglu, (gate, up), dy, "elementwise", GRADS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_swiglu_flat_backward_bit_identical_to_row_kernel(dtype, device):
+    # one _swiglu_grads helper: the flat in-place kernel and the row kernel store the same bits; dy strided too
+    gate, up, _ = _inputs((3, 5, 41), dtype, device)
+    dy = randn((5, 3, 41), dtype, device, 7).transpose(0, 1)
+    dg, du = swiglu_module.swiglu_bwd(dy, gate.detach(), up.detach())
+    g_buf, u_buf = gate.detach().clone(), up.detach().clone()
+    out = swiglu_module.swiglu_bwd_(dy, g_buf, u_buf)
+    assert out[0] is g_buf and out[1] is u_buf
+    assert torch.equal(g_buf, dg) and torch.equal(u_buf, du)
+
+
+def test_swiglu_in_place_backward_writes_over_gate_and_up(device):
+    gate0, up0, dy = _inputs((4, 40), torch.float32, device)
+    gate, up = gate0 * 1, up0 * 1
+    ptrs = (gate.data_ptr(), up.data_ptr())
+    y = K.swiglu_(gate, up)
+    expected = REF.swiglu(gate.detach(), up.detach())
+    assert torch.equal(y, K.swiglu(gate.detach(), up.detach())) and torch.allclose(y, expected, atol=1e-6)
+    y.backward(dy)
+    # gate and up now hold their own gradients (the gradients the leaves received through x * 1)
+    assert (gate.data_ptr(), up.data_ptr()) == ptrs
+    assert torch.equal(gate.detach(), gate0.grad) and torch.equal(up.detach(), up0.grad)
+
+
+def test_swiglu_in_place_retain_graph_refused(device):
+    # a second backward would read gradients as gate and up: autograd's version check refuses it
+    gate0, up0, dy = _inputs((3, 40), torch.float32, device)
+    y = K.swiglu_(gate0 * 1, up0 * 1)
+    y.backward(dy, retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    y = K.swiglu(gate0 * 1, up0 * 1)  # the out-of-place op allows it
+    y.backward(dy, retain_graph=True)
+    y.backward(dy)
+
+
+@pytest.mark.parametrize("case", ["leaves", "fused-halves", "same-tensor"])
+def test_swiglu_in_place_falls_back(case, device):
+    # what the backward may not overwrite gets fresh gradients: leaves (user tensors), strided halves of one
+    # projection (the flat range is not their elements), one tensor passed as both gate and up
+    gate, up, dy = _inputs((3, 40), torch.float32, device)
+    if case == "leaves":
+        inputs, fn = (gate, up), K.swiglu_
+    elif case == "fused-halves":
+        base = randn((3, 80), torch.float32, device, 9).requires_grad_()
+        inputs, fn = (base,), lambda b: K.swiglu_(*(b * 1).chunk(2, dim=-1))
+    else:
+        inputs, fn = (gate,), (lambda g: (lambda x: K.swiglu_(x, x))(g * 1))  # swiglu_(x, x), x non-leaf
+    before = [t.detach().clone() for t in inputs]
+    y = fn(*inputs)
+    grads = torch.autograd.grad(y, inputs, dy)
+    ref_y = {"leaves": lambda: REF.swiglu(gate, up), "fused-halves": lambda: REF.swiglu(*inputs[0].chunk(2, -1)),
+             "same-tensor": lambda: REF.swiglu(gate, gate)}[case]()
+    ref_grads = torch.autograd.grad(ref_y, inputs, dy)
+    assert all(torch.equal(t, b) for t, b in zip(inputs, before))  # the leaves are untouched
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_in_place_refused_under_selective_checkpointing(device):
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    caching, _ = create_selective_checkpoint_contexts(lambda ctx, op, *a, **kw: CheckpointPolicy.MUST_SAVE)
+    gate, up, _ = _inputs((2, 8), torch.float32, device)
+    with caching:
+        for fn_ in (K.swiglu_, REF.swiglu_):
+            with pytest.raises(RuntimeError, match="refused under an active torch dispatch mode.*use swiglu"):
+                fn_(gate * 1, up * 1)
+        K.swiglu(gate * 1, up * 1)
+
+
+def test_swiglu_in_place_validation(device):
+    g = torch.randn(2, 8, device=device)
+    with pytest.raises(ValueError, match=r"gate \(2, 4\) strides \(8, 1\).*must be contiguous"):
+        swiglu_module.swiglu_bwd_(torch.randn(2, 4, device=device), g[:, :4], torch.randn(2, 4, device=device))
+    with pytest.raises(ValueError, match="separate storages"):
+        swiglu_module.swiglu_bwd_(g, g, g)
+    with pytest.raises(ValueError, match="block must be a power of two, got 1000"):
+        swiglu_module.swiglu_bwd_(g, g.clone(), g.clone(), block=1000)
+    with pytest.raises(ValueError, match=r"dy \(2, 7\)"):
+        swiglu_module.swiglu_bwd_(torch.randn(2, 7, device=device), g.clone(), g.clone())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_swiglu_in_place_training_shape(dtype, device):
+    gate, up, dy = _inputs((8, 512, 11008), dtype, device)
+    check_against_reference(_non_leaf(K.swiglu_), REF.swiglu, (gate, up), dy, "elementwise", GRADS)
