@@ -53,14 +53,14 @@ def train_step(loss_fn: nn.Module, opt: torch.optim.Optimizer, params: list[nn.P
     for j, seqs in enumerate(micro_batches):
         batch = layout.batch(seqs, pad_id).to(device)  # ids, labels, weights (b, T); packed: positions, mask
         computed += batch.n_tokens
-        if graphs is not None:
+        if graphs is not None:  # copy into the batch shape's buffers, replay its forward + backward
             loss_sum += graphs(batch, world_size / weight_sum)
-            continue
-        last = j == len(micro_batches) - 1
-        with nullcontext() if (last or world_size == 1) else loss_fn.no_sync():
-            loss = loss_fn(*batch.loss_inputs())  # the fixed-length supervised gather: no device sync
-            (loss * (world_size / weight_sum)).backward()
-        loss_sum += loss.detach()
+        else:
+            last = j == len(micro_batches) - 1
+            with nullcontext() if (last or world_size == 1) else loss_fn.no_sync():
+                loss = loss_fn(*batch.loss_inputs())  # the fixed-length supervised gather: no device sync
+                (loss * (world_size / weight_sum)).backward()
+            loss_sum += loss.detach()
     stopping = stop is not None and stop()
     if world_size > 1:  # the stop decision travels with the loss: any rank's signal stops every rank
         both = torch.stack([loss_sum, torch.tensor(float(stopping), device=device)])
