@@ -8,6 +8,11 @@ Times forward, backward and forward+backward of each op at LLaMA-2-7B training s
 frozen as under LoRA ("rms_norm"); "rms_norm+dw" also trains it. "add_rms_norm" is the block's residual add and
 ffn_norm, (x, residual) -> (h, y) with the weight frozen; its backward takes gradients for both outputs (the
 residual stream's dh and the norm's dy), and eager's is autograd's (the norm's backward, then the add of dh).
+"rope_qk" rotates q and k (32 + 32 heads) in one launch each way, into fresh tensors; "rope_qk_" is its in-place
+forward (direct calls without a graph; its backward is rope_qk's launch), "swiglu_bwd_" the flat backward that
+writes dgate and dup over gate and up (pass "bwd", direct calls; beside it "rows", swiglu's row kernel into
+fresh tensors, and eager, autograd's backward of F.silu(g) * u). In-place rows have no torch.compile row.
+Launch configs (num_warps, rows per program) are swept by benchmarks/kernel_sweep.py, not here.
 "dequant <type>" rows time the weight-dequantization kernels (GGUF Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K and NF4)
 forward only, as the packed weight is frozen: no backward or fwd+bwd rows, in the table or the JSON (whose "ops"
 lists each op's passes). They unpack one LLaMA-2-7B FFN weight (11008 x 4096; smoke: 64 x 256, whole K-quant
@@ -48,6 +53,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import importlib
 import json
 import os
 import platform
@@ -57,13 +63,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import triton
 from torch import Tensor
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from llama_erc.benchmarks.provenance import source_commit
-from llama_erc.kernels import REFERENCE, add_rms_norm, apply_rope, rms_norm, swiglu
+from llama_erc.kernels import (REFERENCE, add_rms_norm, apply_rope, apply_rope_qk, apply_rope_qk_, rms_norm,
+                               swiglu)
 from llama_erc.kernels.dequant_gguf import dequant_gguf
 from llama_erc.kernels.dequant_nf4 import dequant_nf4
 from llama_erc.kernels.reference_gguf import GGUF_BLOCKS, dequantize_gguf
@@ -75,6 +83,7 @@ SMOKE = dict(tokens=(2, 8), dim=64, ffn=176, heads=4, head_dim=16, dequant=(64, 
 GGUF_F16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 L2_BYTES = 64 << 20  # assumed L2 size (H100: 50 MB, H200: 60 MB): the rotating input sets together exceed it
 MAX_SETS = 64  # at most this many rotating buffer sets (tiny ops)
+swiglu_module = importlib.import_module("llama_erc.kernels.swiglu")  # `kernels.swiglu` is the function
 CALL_RANGE = "bench::call"  # the profiler range around each call on CPU
 
 
@@ -110,6 +119,11 @@ def _dequant_cases(shape: tuple[int, int], dtype: torch.dtype, device: str, g: t
     return cases
 
 
+def _eager_swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """(dgate, dup) of F.silu(gate) * up as eager autograd computes them, in the input dtype."""
+    return torch.ops.aten.silu_backward(dy * up, gate), dy * F.silu(gate)
+
+
 def _cases(shape: dict, dtype: torch.dtype, device: str) -> list[dict]:
     """One dict per op: its inputs, the tensors it differentiates, and the bytes each pass must move
     (bwd_bytes None: forward only, the dequant cases, which also have their outputs checked)."""
@@ -125,7 +139,8 @@ def _cases(shape: dict, dtype: torch.dtype, device: str) -> list[dict]:
     x, w_frozen, w = rnd(M, D), rnd(D, grad=False), rnd(D)
     res = rnd(M, D)  # the residual stream, added to x
     gate, up = rnd(M, Fd), rnd(M, Fd)
-    q = rnd(B, T, H, Dh)
+    q, k = rnd(B, T, H, Dh), rnd(B, T, H, Dh)  # 7B: as many kv heads as q heads
+    qk_bytes = 2 * 2 * M * H * Dh * e + 2 * T * Dh // 2 * 4  # q, k read and written; cos, sin read
     return [
         dict(op="rms_norm", shape=f"{M}x{D}", args=(x, w_frozen, 1e-5), wrt=(x,), fns=(rms_norm, REFERENCE.rms_norm),
              fwd_bytes=2 * M * D * e + D * e, bwd_bytes=3 * M * D * e + D * e),  # x, w -> y; dy, x, w -> dx
@@ -138,6 +153,21 @@ def _cases(shape: dict, dtype: torch.dtype, device: str) -> list[dict]:
              fwd_bytes=3 * M * Fd * e, bwd_bytes=5 * M * Fd * e),  # g, u -> y; dy, g, u -> dg, du
         dict(op="rope", shape=f"{B}x{T}x{H}x{Dh}", args=(q, cos, sin), wrt=(q,), fns=(apply_rope, REFERENCE.apply_rope),
              fwd_bytes=2 * M * H * Dh * e + 2 * T * Dh // 2 * 4, bwd_bytes=2 * M * H * Dh * e + 2 * T * Dh // 2 * 4),
+        dict(op="rope_qk", shape=f"{B}x{T}x{H}+{H}x{Dh}", args=(q, k, cos, sin), wrt=(q, k),
+             fns=(apply_rope_qk, REFERENCE.apply_rope_qk), fwd_bytes=qk_bytes, bwd_bytes=qk_bytes),
+        # in place, so direct calls without a graph (its backward is rope_qk's launch); each call rotates the
+        # same buffers again, which costs the kernel nothing; no torch.compile row (the twin refuses the
+        # compiler's tracing mode, in_place_safe)
+        dict(op="rope_qk_", shape=f"{B}x{T}x{H}+{H}x{Dh}", args=(rnd(B, T, H, Dh, grad=False),
+             rnd(B, T, H, Dh, grad=False), cos, sin), wrt=(), fns=(apply_rope_qk_, REFERENCE.apply_rope_qk_),
+             fwd_bytes=qk_bytes, bwd_bytes=None, compile=False),
+        # swiglu_'s backward: the flat kernel writing dgate, dup over gate, up (direct calls: the values drift
+        # call after call, which costs nothing); "rows" is swiglu's row kernel into fresh tensors, and eager is
+        # autograd's backward of F.silu(g) * u (silu_backward, and silu(g) recomputed here rather than saved)
+        dict(op="swiglu_bwd_", shape=f"{M}x{Fd}", args=(rnd(M, Fd, grad=False), rnd(M, Fd, grad=False),
+             rnd(M, Fd, grad=False)), wrt=(), fns=(swiglu_module.swiglu_bwd_, _eager_swiglu_bwd),
+             extra_impls={"rows": swiglu_module.swiglu_bwd}, fwd_bytes=5 * M * Fd * e, bwd_bytes=None,
+             pass_name="bwd", compile=False),
     ] + _dequant_cases(shape["dequant"], dtype, device, g)
 
 
@@ -268,8 +298,8 @@ def _passes(fn: Callable, case: dict, sets: list[tuple] | None = None) -> dict[s
     (bwd_bytes None). An op with several outputs (a tuple) gets a gradient for each."""
     sets = sets or [case["args"]]
     k = len(sets)
-    if case["bwd_bytes"] is None:
-        return {"fwd": lambda i: fn(*sets[i % k])}
+    if case["bwd_bytes"] is None:  # a direct call: a frozen weight's forward, or an in-place kernel
+        return {case.get("pass_name", "fwd"): lambda i: fn(*sets[i % k])}
     pos = [next(j for j, a in enumerate(case["args"]) if a is t) for t in case["wrt"]]
     wrts = [tuple(s[j] for j in pos) for s in sets]
     ys = [fn(*s) for s in sets]
@@ -284,7 +314,7 @@ VIA = {"fwd": "forward, inputs require grad (autograd.Function records the graph
 
 
 def _pass_bytes(case: dict, pass_name: str) -> int:
-    if pass_name == "fwd":
+    if pass_name == "fwd" or case["bwd_bytes"] is None:  # a direct call moves fwd_bytes whatever its pass
         return case["fwd_bytes"]
     return case["bwd_bytes"] + (case["fwd_bytes"] if pass_name == "fwd+bwd" else 0)
 
@@ -298,8 +328,8 @@ def run(smoke: bool, reps: int, warmup: int, use_compile: bool, device: str, rep
     results, ops = [], {}
     for case in _cases(shape, dtype, device):
         kernel, reference = case["fns"]
-        impls = {"triton": kernel, "eager": reference}
-        if use_compile:
+        impls = {"triton": kernel, "eager": reference, **case.get("extra_impls", {})}
+        if use_compile and case.get("compile", True):
             impls["compile"] = torch.compile(reference)
         if case.get("check"):
             check_outputs(case, impls)
@@ -359,7 +389,7 @@ def format_table(report: dict) -> str:
                  "copy's device time / the op's; K: rotating input sets")
     fwd_only = [op for op, o in report.get("ops", {}).items() if o["passes"] == ["fwd"]]
     if fwd_only:
-        lines.append(f"forward only, no bwd / fwd+bwd rows (frozen weight): {', '.join(fwd_only)}")
+        lines.append(f"forward only, no bwd / fwd+bwd rows (frozen weight, or in place): {', '.join(fwd_only)}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ from llama_erc.benchmarks import kernels as bench
 from llama_erc.kernels.reference_gguf import GGUF_BLOCKS
 from llama_erc.kernels.reference_nf4 import NESTED_BLOCK, NF4_BLOCK
 
-TRAINED_OPS = ("rms_norm", "rms_norm+dw", "add_rms_norm", "swiglu", "rope")
+TRAINED_OPS = ("rms_norm", "rms_norm+dw", "add_rms_norm", "swiglu", "rope", "rope_qk")
 DEQUANT_OPS = tuple(f"dequant {t}" for t in ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "NF4"))
 
 
@@ -38,7 +38,8 @@ def test_bench_smoke_writes_report(tmp_path, capsys):
     rows = {(r["op"], r["impl"], r["pass"]) for r in report["results"]}
     assert rows == ({(op, impl, p) for op in TRAINED_OPS for impl in ("triton", "eager")
                      for p in ("fwd", "bwd", "fwd+bwd")}
-                    | {(op, impl, "fwd") for op in DEQUANT_OPS for impl in ("triton", "eager")})
+                    | {(op, impl, "fwd") for op in (*DEQUANT_OPS, "rope_qk_") for impl in ("triton", "eager")}
+                    | {("swiglu_bwd_", impl, "bwd") for impl in ("triton", "eager", "rows")})
     for r in report["results"]:
         assert r["ms"] > 0 and r["bytes"] > 0 and r["gbs"] > 0 and r["pct_copy"] > 0 and r["speedup_vs_eager"] > 0
         assert r["device_us"] > 0 and r["host_us"] > 0 and r["copy_us"] > 0, r
@@ -49,6 +50,7 @@ def test_bench_smoke_writes_report(tmp_path, capsys):
             assert r[col + "_min"] <= r[col] <= r[col + "_max"], (col, r)
         assert r["kernels_per_call"] >= 0 and r["rotating_buffers"] >= 2 and r["copy_rotating_buffers"] >= 2
         assert r["through_autograd"] == (r["op"] in TRAINED_OPS), r
+        assert r["via"] == ("direct call" if r["op"] not in TRAINED_OPS else bench.VIA[r["pass"]]), r
     rows_, cols = report["shapes"]["dequant"]
     assert rows_ * cols % 256 == 0  # whole K-quant blocks
     for r in report["results"]:
@@ -61,6 +63,12 @@ def test_bench_smoke_writes_report(tmp_path, capsys):
     one_pass = 4 * B * T * D * 2 + D * 2  # bf16: fwd x, r, w -> h, y; bwd dh, dy, h, w -> dx (= dr, one tensor)
     assert {r["pass"]: r["bytes"] for r in report["results"] if r["op"] == "add_rms_norm"} == \
         {"fwd": one_pass, "bwd": one_pass, "fwd+bwd": 2 * one_pass}
+    M, Fd, H, Dh = B * T, report["shapes"]["ffn"], report["shapes"]["heads"], report["shapes"]["head_dim"]
+    qk_bytes = 2 * 2 * M * H * Dh * 2 + 2 * T * Dh // 2 * 4  # bf16 q, k read and written; fp32 cos, sin read
+    assert {(r["pass"], r["bytes"]) for r in report["results"] if r["op"] in ("rope_qk", "rope_qk_")} == \
+        {("fwd", qk_bytes), ("bwd", qk_bytes), ("fwd+bwd", 2 * qk_bytes)}
+    assert {r["bytes"] for r in report["results"] if r["op"] == "swiglu_bwd_"} == {5 * M * Fd * 2}
+    assert report["ops"]["rope_qk_"]["passes"] == ["fwd"] and report["ops"]["swiglu_bwd_"]["passes"] == ["bwd"]
     for op in DEQUANT_OPS:  # forward only, and the outputs were checked against eager before timing
         assert report["ops"][op] == {"shape": f"{rows_}x{cols}", "passes": ["fwd"], "checked_vs_eager": True}
     table = capsys.readouterr().out
@@ -131,3 +139,22 @@ def test_check_outputs_refuses_a_wrong_kernel():
 
     with pytest.raises(RuntimeError, match="triton differs from eager in 1 of"):
         bench.check_outputs(case, {"triton": off_by_one_ulp, "eager": twin})
+
+
+def test_in_place_rows_compute_what_their_baselines_compute():
+    # the rows time the same function: swiglu_bwd_ (flat, in place) = the row kernel (bit for bit) = eager's
+    # autograd backward (within bf16 rounding); rope_qk_ in place = its twin
+    cases = {c["op"]: c for c in bench._cases(bench.SMOKE, torch.bfloat16, "cpu")}
+    case = cases["swiglu_bwd_"]
+    dy, g, u = bench.clone_args(case["args"])
+    kernel, eager = case["fns"]
+    rows = case["extra_impls"]["rows"](dy, g, u)
+    want = eager(dy, g, u)
+    got = kernel(dy, g.clone(), u.clone())
+    for a, b, c in zip(got, rows, want):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.float(), c.float(), rtol=1.6e-2, atol=1e-2)
+    q, k, cos, sin = bench.clone_args(cases["rope_qk_"]["args"])
+    kernel, twin = cases["rope_qk_"]["fns"]
+    out, ref = kernel(q.clone(), k.clone(), cos, sin), twin(q.clone(), k.clone(), cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))

@@ -60,3 +60,31 @@ def test_rne_emulated_only_under_the_interpreter():
     from llama_erc.kernels._utils import EMULATE_RNE
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     assert bool(EMULATE_RNE) == interpreted == isinstance(_cast_kernel, InterpretedFunction)
+
+
+def test_launch_overrides_are_validated():
+    from llama_erc.kernels._utils import overridden
+    assert overridden(16, 4, None, None, "block_m") == (16, 4)
+    assert overridden(16, 4, 2, 8, "block_m") == (2, 8)
+    with pytest.raises(ValueError, match="block_m must be a power of two, got 3"):
+        overridden(16, 4, 3, None, "block_m")
+    with pytest.raises(ValueError, match="num_warps must be a power of two from 1 to 32, got 64"):
+        overridden(16, 4, None, 64, "block_m")
+    with pytest.raises(ValueError, match="num_warps must be a power of two from 1 to 32, got 6"):
+        overridden(16, 4, None, 6, "block_m")
+
+
+def test_launch_overrides_keep_the_bits(device):
+    # rows per program and warps change the tiling, not the per-row math: the same bits under the interpreter
+    import importlib
+    rms_norm_module = importlib.import_module("llama_erc.kernels.rms_norm")
+    swiglu_module = importlib.import_module("llama_erc.kernels.swiglu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 96, generator=g).to(device, torch.bfloat16)
+    w = torch.randn(96, generator=g).to(device, torch.bfloat16)
+    y, rstd = rms_norm_module.rms_norm_fwd(x, w, 1e-5)
+    for block_m, warps in ((1, 1), (2, 4), (8, 16)):
+        y2, rstd2 = rms_norm_module.rms_norm_fwd(x, w, 1e-5, block_m=block_m, num_warps=warps)
+        assert torch.equal(y, y2) and torch.equal(rstd, rstd2)
+        assert torch.equal(swiglu_module.swiglu_fwd(x, y), swiglu_module.swiglu_fwd(x, y, block_m=block_m,
+                                                                                    num_warps=warps))
