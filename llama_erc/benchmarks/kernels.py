@@ -156,8 +156,8 @@ def _cases(shape: dict, dtype: torch.dtype, device: str) -> list[dict]:
         dict(op="rope_qk", shape=f"{B}x{T}x{H}+{H}x{Dh}", args=(q, k, cos, sin), wrt=(q, k),
              fns=(apply_rope_qk, REFERENCE.apply_rope_qk), fwd_bytes=qk_bytes, bwd_bytes=qk_bytes),
         # in place, so direct calls without a graph (its backward is rope_qk's launch); each call rotates the
-        # same buffers again, which costs the kernel nothing; no torch.compile row (the twin refuses the
-        # compiler's tracing mode, in_place_safe)
+        # same buffers again, which costs the kernel nothing; no torch.compile row (compiling an in-place twin
+        # that checks for dispatch modes is neither built nor checked here)
         dict(op="rope_qk_", shape=f"{B}x{T}x{H}+{H}x{Dh}", args=(rnd(B, T, H, Dh, grad=False),
              rnd(B, T, H, Dh, grad=False), cos, sin), wrt=(), fns=(apply_rope_qk_, REFERENCE.apply_rope_qk_),
              fwd_bytes=qk_bytes, bwd_bytes=None, compile=False),

@@ -82,8 +82,8 @@ def in_place_safe() -> bool:
     matmul outputs: q, k, gate, up), to hand the very same tensors back when the block is recomputed. An
     in-place kernel writing into one of them would make the recomputation start from the rotated q, or a
     backward that overwrote gate would leave a cached gate that is no longer gate. Plain (full) checkpointing
-    keeps no op output and needs no mode, so it stays in place. Any other active mode (torch.compile's tracing,
-    FlopCounterMode) is refused too: an out-of-place op computes the same bits, so refusing costs only memory.
+    keeps no op output and needs no mode, so it stays in place. Any other active mode (FlopCounterMode, a test's
+    op counter) is refused too: the out-of-place op computes the same bits, so refusing costs only memory.
     """
     return not is_in_torch_dispatch_mode()
 

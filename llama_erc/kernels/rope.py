@@ -331,19 +331,20 @@ def apply_rope_qk_(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tens
         raise RuntimeError("apply_rope_qk_: refused under an active torch dispatch mode (selective activation "
                            "checkpointing keeps the matmul outputs q and k are views of, and would recompute "
                            "from rotated values); use the out-of-place apply_rope_qk")
+    _check_qk(q, k, cos, sin, ("q", "k"))  # clear errors before anything is written
     for name, x in (("q", q), ("k", k)):
         leaf = x if x._base is None else x._base
-        if isinstance(leaf, Tensor) and leaf.is_leaf and leaf.requires_grad and torch.is_grad_enabled():
+        if leaf.is_leaf and leaf.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"apply_rope_qk_: {name} is (a view of) a leaf that requires grad, which autograd "
                              "cannot let an in-place op overwrite; rotate it with apply_rope_qk")
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
         rope_qk_fwd_(q, k, cos, sin)  # no graph to record the rotation in: any layout is written in place
         torch.autograd.graph.increment_version((q, k))  # as a torch in-place op: saved copies see the change
         return q, k
-    if q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() and q.numel() and k.numel():
-        raise ValueError("apply_rope_qk_: q and k share one storage (views of one fused projection?), where "
-                         "the rotation of one could write into the other; rotate them with apply_rope_qk")
     owners = [in_place_owner(x) for x in (q, k)]
+    if None not in owners and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() and q.numel():
+        raise ValueError("apply_rope_qk_: q and k are one tensor (or two whole views of it), which one launch "
+                         "would rotate twice; rotate them with apply_rope_qk")
     inputs = [x if o is None else o for x, o in zip((q, k), owners)]
     shapes = tuple(None if o is None else x.shape for x, o in zip((q, k), owners))
     outs = RoPEQKFunction.apply(*inputs, cos, sin, shapes)

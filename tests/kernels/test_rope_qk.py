@@ -272,8 +272,13 @@ def test_rope_qk_validation(device):
     with pytest.raises(ValueError, match=r"k \(2, 5, 2, 8\) with strides \(0, 0, 0, 1\) has elements that share"):
         K.apply_rope_qk_(q, torch.randn(8, device=device).expand(2, 5, 2, 8), cos, sin)
     qkv = torch.randn(2, 5, 8 * 8, device=device)
-    with pytest.raises(ValueError, match="q and k share one storage"):
+    with pytest.raises(ValueError, match="q and k share one storage"):  # without a graph: views written in place
         K.apply_rope_qk_(qkv[..., :32].unflatten(-1, (4, 8)), qkv[..., 32:48].unflatten(-1, (2, 8)), cos, sin)
+    same = (torch.randn(2, 5, 4, 8, device=device, requires_grad=True) * 1)
+    with pytest.raises(ValueError, match="q and k are one tensor"):
+        K.apply_rope_qk_(same, same, cos, sin)
+    with pytest.raises(ValueError, match="q must be a torch.Tensor, got list"):
+        K.apply_rope_qk_([1.0], k, cos, sin)
 
 
 @pytest.mark.gpu
