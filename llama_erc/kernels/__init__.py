@@ -32,7 +32,11 @@ Adding an op:
    that calls it through `self.ops.<op>`;
 4. tests in tests/kernels/: forward and every gradient against the twin in fp32 and bf16 (odd sizes, one row,
    a non-contiguous input), with the tolerances of tests/tolerances.py, and a `gpu`-marked test at 7B sizes;
-5. a row in the kernel benchmark (llama_erc/benchmarks/kernels.py).
+5. a row in the kernel benchmark (llama_erc/benchmarks/kernels.py), and its launches in the launch-config sweep
+   (llama_erc/benchmarks/kernel_sweep.py) with their block and num_warps overridable (_utils.overridden);
+6. an in-place variant, if any, is a field `<op>_` beside `<op>` that computes the same bits: it refuses to run
+   where in_place_safe() is false (selective checkpointing's caching dispatch mode), the model calls `<op>` there,
+   and block recompute (model/recompute.py) swaps every `<op>_` field for `<op>` itself.
 """
 from collections.abc import Callable
 from dataclasses import dataclass
