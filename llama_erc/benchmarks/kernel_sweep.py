@@ -70,7 +70,7 @@ def _launches(shape: dict, device: str) -> list[dict]:
         return (torch.rand(M, generator=torch.Generator().manual_seed(seed)) + 0.5).to(device)
 
     w = rnd(0, D)
-    rms_rows = rms_norm_module._launch_config(M, D)
+    rms_rows = rms_norm_module.launch_config(M, D)
     launches = [
         dict(name="rms_norm fwd", shape=f"{M}x{D}", sizes=ROWS, default=(rms_rows[0], rms_rows[2]),
              make=lambda i: (rnd(10 + i, M, D),),
@@ -90,7 +90,7 @@ def _launches(shape: dict, device: str) -> list[dict]:
                                                                        block_m=s, num_warps=nw)[0]),
     ]
     for n_kv in sorted({H, max(1, H // 4)}, reverse=True):  # 7B (MHA) and GQA with a quarter of the heads
-        bt, _, _, _, nw = rope_module._qk_launch_config(B, T, H, n_kv, Dh)
+        bt, _, _, _, nw = rope_module.qk_launch_config(B, T, H, n_kv, Dh)
         make = (lambda kv: lambda i: (rnd(90 + i, B, T, H, Dh), rnd(100 + i, B, T, kv, Dh)))(n_kv)
         launches += [
             dict(name=f"rope_qk fwd (in place) H={H} Hkv={n_kv}", shape=f"{B}x{T}x{H}+{n_kv}x{Dh}", sizes=ROWS,
@@ -100,7 +100,7 @@ def _launches(shape: dict, device: str) -> list[dict]:
                  default=(bt, nw), make=make,
                  run=lambda a, s, nw: rope_module.rope_qk_bwd(a[0], a[1], cos, sin, block_t=s, num_warps=nw)),
         ]
-    sw = swiglu_module._launch_config(M, Fd)
+    sw = swiglu_module.launch_config(M, Fd)
     launches += [
         dict(name="swiglu fwd", shape=f"{M}x{Fd}", sizes=ROWS, default=(sw[0], sw[3]),
              make=lambda i: (rnd(110 + i, M, Fd), rnd(120 + i, M, Fd)),

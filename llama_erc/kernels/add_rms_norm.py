@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from llama_erc.kernels._utils import cast_rne, check_float, check_same_device
-from llama_erc.kernels.rms_norm import _launch_config, _normalize_rows, rms_norm_bwd
+from llama_erc.kernels.rms_norm import _normalize_rows, launch_config, rms_norm_bwd
 
 
 @triton.jit
@@ -77,7 +77,7 @@ def add_rms_norm_fwd(x: Tensor, r: Tensor, w: Tensor, eps: float, block_m: int |
     N = x.shape[-1]
     x2d, r2d = x.reshape(-1, N), r.reshape(-1, N)  # (M, N) each: views when the leading dims merge, else copies
     M = x2d.shape[0]
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, block_m, num_warps)
+    BLOCK_M, BLOCK_N, num_warps = launch_config(M, N, block_m, num_warps)
     h_dtype = torch.promote_types(x.dtype, r.dtype)
     h = torch.empty((M, N), dtype=h_dtype, device=x.device)
     y = torch.empty((M, N), dtype=torch.promote_types(h_dtype, w.dtype), device=x.device)

@@ -102,7 +102,7 @@ def _rms_norm_bwd_kernel(
         tl.store(dw_ptr + pid * N + cols, dw_acc, mask=col_ok)
 
 
-def _launch_config(M: int, N: int, block_m: int | None = None,
+def launch_config(M: int, N: int, block_m: int | None = None,
                    num_warps: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): whole rows, stacked up to a tile of TILE_ELEMS; block_m (rows per
     program) and num_warps override the defaults (the benchmark's sweep, benchmarks/kernel_sweep.py)."""
@@ -128,7 +128,7 @@ def rms_norm_fwd(x: Tensor, w: Tensor, eps: float, block_m: int | None = None,
     N = x.shape[-1]
     x2d = x.reshape(-1, N)  # (M, N): a view when the leading dims merge, else a copy
     M = x2d.shape[0]
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, block_m, num_warps)
+    BLOCK_M, BLOCK_N, num_warps = launch_config(M, N, block_m, num_warps)
     y = torch.empty((M, N), dtype=torch.promote_types(x.dtype, w.dtype), device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M > 0:
@@ -160,7 +160,7 @@ def rms_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, rstd: Tensor, need_dx: bool =
     x2d, dy2d = x.reshape(-1, N), dy.reshape(-1, N)  # (M, N) each; strided views are read as they are
     dres2d = dy2d if dres is None else dres.reshape(-1, N)  # unused when dres is None (HAS_DRES=False)
     M = x2d.shape[0]
-    BLOCK_M, BLOCK_N, num_warps = _launch_config(M, N, block_m, num_warps)
+    BLOCK_M, BLOCK_N, num_warps = launch_config(M, N, block_m, num_warps)
     n_tiles = triton.cdiv(M, BLOCK_M)
     # without dw: one tile per program for full parallelism; with dw: few programs, each reducing a run of tiles
     tiles_per_program = triton.cdiv(n_tiles, DW_PROGRAMS) if need_dw else 1

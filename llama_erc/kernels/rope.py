@@ -198,7 +198,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return RoPEFunction.apply(x, cos, sin)
 
 
-def _qk_launch_config(B: int, T: int, H: int, HKV: int, Dh: int, block_t: int | None = None,
+def qk_launch_config(B: int, T: int, H: int, HKV: int, Dh: int, block_t: int | None = None,
                       num_warps: int | None = None) -> tuple[int, int, int, tuple[int, int, int], int]:
     """(BLOCK_T, BLOCK_H, BLOCK_P, grid, num_warps) for q (H heads) and k (HKV heads) in one launch. One tile
     shape for both: BLOCK_H fits the smaller head count, so under GQA k's tiles are as full as q's, and q takes
@@ -232,7 +232,7 @@ def _rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, qo: Tensor, ko: Ten
     (scb, sct, scp), (ssb, sst, ssp) = cos.stride(), sin.stride()
     if cos.shape[0] == 1:
         scb = ssb = 0  # a (1, T, Dh/2) table is shared by every batch row
-    BLOCK_T, BLOCK_H, BLOCK_P, grid, warps = _qk_launch_config(B, T, H, HKV, Dh, block_t, num_warps)
+    BLOCK_T, BLOCK_H, BLOCK_P, grid, warps = qk_launch_config(B, T, H, HKV, Dh, block_t, num_warps)
     _rope_qk_kernel[grid](q, k, cos, sin, qo, ko, T, H, HKV, Dh // 2, *q.stride(), *k.stride(), *qo.stride(),
                           *ko.stride(), scb, sct, scp, ssb, sst, ssp, triton.cdiv(H, BLOCK_H),
                           BLOCK_T=BLOCK_T, BLOCK_H=BLOCK_H, BLOCK_P=BLOCK_P, BACKWARD=backward, num_warps=warps)

@@ -101,7 +101,7 @@ def _swiglu_bwd_flat_kernel(
     tl.store(u_ptr + offs, cast_rne(du, u_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(M: int, F: int, block_m: int | None = None,
+def launch_config(M: int, F: int, block_m: int | None = None,
                    num_warps: int | None = None) -> tuple[int, int, tuple[int, int], int]:
     """(BLOCK_M, BLOCK_F, grid, num_warps) for an (M, F) elementwise pass; block_m (rows per program) and
     num_warps override the defaults (the benchmark's sweep)."""
@@ -129,7 +129,7 @@ def swiglu_fwd(gate: Tensor, up: Tensor, block_m: int | None = None, num_warps: 
     M, F = g2d.shape
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)  # contiguous, so its (M, F) view is too
     if y.numel() > 0:
-        BLOCK_M, BLOCK_F, grid, num_warps = _launch_config(M, F, block_m, num_warps)
+        BLOCK_M, BLOCK_F, grid, num_warps = launch_config(M, F, block_m, num_warps)
         _swiglu_fwd_kernel[grid](g2d, u2d, y.view(M, F), M, F, *g2d.stride(), *u2d.stride(),
                                  BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, num_warps=num_warps)
     return y
@@ -144,7 +144,7 @@ def swiglu_bwd(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     if dg.numel() > 0:
-        BLOCK_M, BLOCK_F, grid, num_warps = _launch_config(M, F)
+        BLOCK_M, BLOCK_F, grid, num_warps = launch_config(M, F)
         _swiglu_bwd_kernel[grid](dy2d, g2d, u2d, dg.view(M, F), du.view(M, F), M, F,
                                  *dy2d.stride(), *g2d.stride(), *u2d.stride(),
                                  BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, num_warps=num_warps)

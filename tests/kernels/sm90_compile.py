@@ -50,7 +50,7 @@ def _usage(kernel, pointers: dict, constexprs: dict, num_warps: int, fp_fusion: 
 def main() -> int:
     rows = []
     for n in (4096, 5120, 8192):  # 7B / 13B / 70B hidden sizes, 4096 tokens
-        BLOCK_M, BLOCK_N, num_warps = rms_norm_module._launch_config(4096, n)
+        BLOCK_M, BLOCK_N, num_warps = rms_norm_module.launch_config(4096, n)
         rows.append(_usage(rms_norm_module._rms_norm_fwd_kernel,
                            dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*bf16", rstd_ptr="*fp32"),
                            dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, stride_xn=1, stride_w=1), num_warps))
@@ -66,7 +66,7 @@ def main() -> int:
                            dict(x_ptr="*bf16", r_ptr="*bf16", w_ptr="*bf16", h_ptr="*bf16", y_ptr="*bf16",
                                 rstd_ptr="*fp32"),
                            dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, stride_xn=1, stride_rn=1, stride_w=1), num_warps))
-    BLOCK_M, BLOCK_F, _, num_warps = swiglu_module._launch_config(4096, 11008)
+    BLOCK_M, BLOCK_F, _, num_warps = swiglu_module.launch_config(4096, 11008)
     consts = dict(BLOCK_M=BLOCK_M, BLOCK_F=BLOCK_F, stride_gf=1, stride_uf=1)
     rows.append(_usage(swiglu_module._swiglu_fwd_kernel, dict(g_ptr="*bf16", u_ptr="*bf16", y_ptr="*bf16"),
                        consts, num_warps))
@@ -84,7 +84,7 @@ def main() -> int:
     rows.append(_usage(swiglu_module._swiglu_bwd_flat_kernel, dict(dy_ptr="*bf16", g_ptr="*bf16", u_ptr="*bf16"),
                        dict(BLOCK=block), num_warps_for(block)))
     for n_kv in (32, 8):  # q and k in one launch: 7B (32 kv heads), and GQA with 8
-        BLOCK_T, BLOCK_H, BLOCK_P, _, num_warps = rope_module._qk_launch_config(8, 512, 32, n_kv, 128)
+        BLOCK_T, BLOCK_H, BLOCK_P, _, num_warps = rope_module.qk_launch_config(8, 512, 32, n_kv, 128)
         for backward in (False, True):
             rows.append(_usage(rope_module._rope_qk_kernel,
                                dict(q_ptr="*bf16", k_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32", qo_ptr="*bf16",
