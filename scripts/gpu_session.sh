@@ -8,6 +8,11 @@
 #   bash scripts/gpu_session.sh fixed   # bench.py, fixed-length rows of 512: MFU
 #   bash scripts/gpu_session.sh quant   # the quantized frozen base (model/quant.py): 7B memory with NF4 / Q8_0 beside
 #                                       bf16, tokens/s side by side (bench.py variants), the dequantization tests
+#   bash scripts/gpu_session.sh all     # one call of at most 8 minutes (DEADLINE_S, default 470 s of commands):
+#                                       the GPU tests, the kernel timer and a launch-config sweep of the new kernels,
+#                                       7B memory (block recompute, NF4), fixed 8 x 512 and ERC micro-batch 8 against
+#                                       HF + PEFT bf16 (block, CUDA graphs, NF4), decoding vs generate
+#   DRY=1 bash scripts/gpu_session.sh all   # the same steps on a CPU with tiny shapes: checks the script, times nothing
 #
 # Results go to $OUT (the device tool's folder; default benchmarks/results/gpu) and are committed from there under
 # benchmarks/results/ with the device, date and commit they carry. The real MELD files and the LLaMA 2 tokenizer
@@ -16,7 +21,7 @@
 # others' results with it; the step's log says what happened. The device receives the tree without .git, so
 # pass the commit it is: `GIT_COMMIT=<sha> bash scripts/gpu_session.sh check` (llama_erc/benchmarks/provenance.py).
 set -uo pipefail
-part=${1:?usage: scripts/gpu_session.sh check|erc|erc32|fixed|quant}
+part=${1:?usage: scripts/gpu_session.sh check|erc|erc32|fixed|quant|all}
 OUT=${OUT:-benchmarks/results/gpu}
 SHARED=${SHARED:-.gpu/shared}
 PY=${PY:-python3}
@@ -24,9 +29,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 log="$OUT/$part.log"
 
+DEADLINE_S=${DEADLINE_S:-0}  # 0: no overall limit; `all` sets one so the whole call fits the device tool's budget
 run() {  # run LIMIT_S CMD...: one step, its output appended to the part's log
     local limit=$1; shift
-    echo "=== $(date -u +%FT%TZ) $*" | tee -a "$log"
+    if (( DEADLINE_S > 0 )); then  # never past the deadline: a step gets what is left, or is skipped
+        local left=$(( DEADLINE_S - SECONDS ))
+        if (( left < 15 )); then echo "=== skipped (${left}s left of ${DEADLINE_S}s): $*" | tee -a "$log"; return; fi
+        (( limit > left )) && limit=$left
+    fi
+    echo "=== $(date -u +%FT%TZ) limit ${limit}s: $*" | tee -a "$log"
     timeout "$limit" "$@" 2>&1 | tee -a "$log"
     echo "=== exit ${PIPESTATUS[0]}" | tee -a "$log"
 }
@@ -74,6 +85,42 @@ quant)
     run 400 $PY bench.py --mode fixed --seq-len 512 --eval-examples 0 --out "$OUT" --systems ours \
         --variants base,nf4,q8_0,fused,fused+nf4
     ;;
+all)
+    # Issue 19 + the quantized base in one device call. Order: what decides defaults first, so a step that
+    # runs out of time loses the least. DRY=1: CPU, tiny shapes, nothing timed is meaningful.
+    DEADLINE_S=${DEADLINE_S:-470}
+    if [[ ${DRY:-0} == 1 ]]; then
+        small=(--smoke) mem=(--preset tiny --device cpu --dtype fp32 --steps 1) bench=(--device cpu --steps 1 --warmup 0)
+        sweep=(--smoke --only "rope_qk fwd" "swiglu bwd")
+    else
+        small=(--reps 20) mem=() bench=(--steps 6 --warmup 2)
+        sweep=(--reps 20 --repeats 3 --only "rope_qk fwd" "swiglu bwd")  # ~75 configs, each compiled once
+    fi
+    { nvidia-smi 2>/dev/null || echo "no nvidia-smi (DRY=${DRY:-0})"; echo "commit ${GIT_COMMIT:-unknown (set GIT_COMMIT)}"
+      $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
+torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'; } 2>&1 | tee -a "$log"
+    if [[ ${DRY:-0} != 1 ]]; then  # the GPU tests of the new paths (CUDA graphs, block recompute, kernels)
+        run 90 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/engine/test_graphs.py tests/model/test_recompute.py \
+            tests/kernels/test_rope_qk.py tests/kernels/test_swiglu.py tests/engine/test_supervised_gather.py
+    fi
+    run 60 $PY -m llama_erc.benchmarks.kernels "${small[@]}" --out "$OUT/kernels.json"
+    for ck in block none; do  # does "none" fit 8 x 512 at 7B (what `auto` would pick), and what block keeps
+        run 35 $PY -m llama_erc.benchmarks.train_memory "${mem[@]}" --checkpointing $ck --out "$OUT/train_memory_$ck.json"
+    done
+    run 35 $PY -m llama_erc.benchmarks.train_memory "${mem[@]}" --checkpointing block --base_quant nf4 \
+        --out "$OUT/train_memory_block_nf4.json"
+    run 110 $PY bench.py --mode fixed --seq-len 512 "${bench[@]}" --eval-examples 0 --out "$OUT" \
+        --systems ours,hf_peft_bf16 --variants fused,fused+block,fused+block+nf4
+    if [[ ${#data_args[@]} -gt 0 ]]; then  # real MELD prompts: micro-batch 8, launch-bound, where graphs matter
+        run 100 $PY bench.py --mode erc "${data_args[@]}" "${bench[@]}" --checkpointing off --eval-examples 64 \
+            --out "$OUT" --systems ours,hf_peft_bf16 --variants packing+prefix+fused,packing+prefix+fused+graphs
+    else
+        echo "=== skipped erc: no $SHARED/data/meld and $SHARED/tokenizer/llama2/tokenizer.model (carry them)" | tee -a "$log"
+    fi
+    # last: it takes whatever time is left (each config compiles once); the winners go to the JSON it writes
+    run 60 $PY -m llama_erc.benchmarks.kernel_sweep "${sweep[@]}" --out "$OUT/kernel_sweep.json"
+    echo "=== all: ${SECONDS}s of ${DEADLINE_S}s" | tee -a "$log"
+    ;;
 *)
-    echo "unknown part $part: check, erc, erc32, fixed or quant" >&2; exit 2 ;;
+    echo "unknown part $part: check, erc, erc32, fixed, quant or all" >&2; exit 2 ;;
 esac
