@@ -88,7 +88,7 @@ quant)
 all)
     # Issue 19 + the quantized base in one device call. Order: what decides defaults first, so a step that
     # runs out of time loses the least. DRY=1: CPU, tiny shapes, nothing timed is meaningful.
-    DEADLINE_S=${DEADLINE_S:-470}
+    (( DEADLINE_S > 0 )) || DEADLINE_S=470  # the global default 0 means "none" for the other parts
     if [[ ${DRY:-0} == 1 ]]; then
         small=(--smoke) mem=(--preset tiny --device cpu --dtype fp32 --steps 1) bench=(--device cpu --steps 1 --warmup 0)
         sweep=(--smoke --only "rope_qk fwd" "swiglu bwd")
