@@ -120,6 +120,18 @@ def _block_forward_before_add_rms_norm(self, h, cos, sin, mask=None):
     return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _adapt(model, dropout: float) -> None:
+    """LoRA (r=4) on wq, wv, wo, w1, w2 with random A and B (B = 0 would leave A's gradients zero); the adapters
+    and the norms' weights are what trains."""
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=dropout, targets=("wq", "wv", "wo", "w1", "w2")),
+               verbose=False)
+    with torch.no_grad():
+        for p in lora_state_dict(model).values():
+            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("lora_a", "lora_b", "norm.weight")))
+
+
 def _lora_logits_and_grads(dtype, checkpointing):
     """Logits and every trainable grad (LoRA adapters with dropout, and the norms) of a tiny model, reference ops."""
     torch.manual_seed(0)
@@ -130,12 +142,7 @@ def _lora_logits_and_grads(dtype, checkpointing):
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
     model.to(dtype)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.1, targets=("wq", "wv", "wo", "w1", "w2")), verbose=False)
-    with torch.no_grad():  # B = 0 would leave A's gradients zero
-        for p in lora_state_dict(model).values():
-            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(("lora_a", "lora_b", "norm.weight")))
+    _adapt(model, dropout=0.1)
     tokens, targets = _batch("cpu")
     torch.manual_seed(5)  # the dropout masks
     logits, loss = _loss(model.train(), tokens, targets)
@@ -177,12 +184,7 @@ def _grads_under(mode, dtype, in_place, calls, fused_lora=False):
     torch.manual_seed(0)
     model = Transformer(CFG, activation_checkpointing=mode)
     model.init_weights(generator=torch.Generator().manual_seed(0))
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0, targets=("wq", "wv", "wo", "w1", "w2")), verbose=False)
-    with torch.no_grad():  # B = 0 would leave A's gradients zero
-        for p in lora_state_dict(model).values():
-            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(("lora_a", "lora_b", "norm.weight")))
+    _adapt(model, dropout=0.0)
     ops = select_ops(triton=True, fused_lora=fused_lora)
     if not in_place:  # every in-place field pointed at its out-of-place op
         ops = dataclasses.replace(ops, **{n: getattr(ops, m) for n, m in IN_PLACE.items()})
