@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 import triton
 
-from llama_erc.benchmarks.kernels import FULL, SMOKE, KernelTimer, rotation_count
+from llama_erc.benchmarks.kernels import FULL, SMOKE, KernelTimer, bench_device, rotation_count
 from llama_erc.benchmarks.provenance import source_commit
 from llama_erc.kernels import REFERENCE
 
@@ -180,11 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5, smoke 0)")
     p.add_argument("--only", nargs="+", default=(), help="sweep only the launches whose names start so")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("no CUDA device: run with TRITON_INTERPRET=1 (set before `kernels` is imported) for the CPU dry run")
+    found = bench_device(args.smoke, "dry run")
+    if found is None:
         return 2
-    smoke = args.smoke or device == "cpu"
+    device, smoke = found
     report = sweep(smoke, args.reps or (1 if smoke else 50), args.warmup if args.warmup is not None else
                    (0 if smoke else 5), args.repeats or (1 if smoke else 3), device, only=tuple(args.only))
     for name, w in report["winners"].items():

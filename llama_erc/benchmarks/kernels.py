@@ -393,6 +393,16 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def bench_device(smoke: bool, cpu_run: str) -> tuple[str, bool] | None:
+    """The device a kernel benchmark runs on and whether it uses the tiny shapes (always, without CUDA); None,
+    after saying why, on a CPU without the Triton interpreter, where the kernels cannot run."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        print(f"no CUDA device: run with TRITON_INTERPRET=1 (set before `kernels` is imported) for the CPU {cpu_run}")
+        return None
+    return device, smoke or device == "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama_erc.benchmarks.kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here (default on CUDA: "
@@ -404,11 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="also time torch.compile of the reference (auto: on CUDA only; slow to build on CPU)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        print("no CUDA device: run with TRITON_INTERPRET=1 (set before `kernels` is imported) for the CPU smoke run")
+    found = bench_device(args.smoke, "smoke run")
+    if found is None:
         return 2
-    smoke = args.smoke or device == "cpu"
+    device, smoke = found
     reps = args.reps or (3 if smoke else 100)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 10)
     use_compile = args.compile == "on" or (args.compile == "auto" and device == "cuda")
