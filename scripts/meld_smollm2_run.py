@@ -9,7 +9,8 @@ Every row is scored on the MELD test split (2,610 utterances) with scikit-learn'
    chat template (`eval.py --model GGUF --prompt_format alpaca|chat`);
 3. SmolLM2 few-shot: --n-shots demonstrations drawn once from train, in the chat format;
 4. SmolLM2 + LoRA fine-tuned through `torchrun train.py` on the whole MELD train split (--epochs, r=8 on all
-   seven linears, packed rows with the shared prompt prefix, bf16), evaluated on the whole dev split every
+   seven linears, packed rows with the shared prompt prefix, bf16; `--base-quant gguf` trains on the GGUF file's
+   own blocks instead of weights dequantized at load), evaluated on the whole dev split every
    --eval-every steps, the best adapter by dev weighted F1 kept (best-on-dev selection), then `eval.py` on test.
 Nothing is tuned on test. Label-restricted decoding throughout: every prediction is one of the 7 labels.
 The JSON holds `rows` ({"system", "split", "accuracy", "weighted_f1", "macro_f1"}), the date, machine, git commit,
@@ -54,7 +55,8 @@ def train_cmd(model: str, meld: str, lora: Path, a: argparse.Namespace) -> list[
             "--warmup_steps", str(a.warmup_steps), "--lora_rank", str(a.lora_rank),
             "--lora_alpha", str(2.0 * a.lora_rank), "--lora_targets", LORA_TARGETS, "--lora_dropout", "0.05",
             "--seed", str(a.seed), "--log_every", "10", "--eval_every", str(a.eval_every),
-            "--eval_max_examples", str(a.dev_max_examples), "--save_every", str(a.eval_every)]
+            "--eval_max_examples", str(a.dev_max_examples), "--save_every", str(a.eval_every)] + (
+                ["--base_quant", a.base_quant] if a.base_quant != "none" else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=312)
     p.add_argument("--dev-max-examples", type=int, default=0, help="0: the whole dev split")
     p.add_argument("--test-max-examples", type=int, default=0, help="0: the whole test split (smoke runs only)")
+    p.add_argument("--base-quant", default="none", choices=("none", "gguf"),
+                   help="gguf: train on the file's own blocks (eval.py reloads the run's base the same way)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip (smoke runs): zero,few,ft")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         result["dev_evals"] = evals
         result["best_step"] = json.loads((ROOT / lora / "best" / "config.json").read_text())["step"]
         d = lora / "eval_test_meld"
-        llm_row(f"SmolLM2-135M-Instruct + LoRA fine-tuned ({a.epochs} epoch, {a.prompt_format} prompt, "
+        held = ", GGUF blocks as the base" if a.base_quant == "gguf" else ""
+        llm_row(f"SmolLM2-135M-Instruct + LoRA fine-tuned ({a.epochs} epoch, {a.prompt_format} prompt{held}, "
                 f"best of {len(evals)} dev evaluations)", "fine_tuned_test", eval_cmd(model, meld, d, a, run=lora),
                 ROOT / d / "report.json")
         test = json.loads((ROOT / d / "report.json").read_text())
