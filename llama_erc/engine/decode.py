@@ -8,11 +8,14 @@ end differently: one with EOS, the other with more pieces) are still scored exac
 
     score(c) = sum_j log p(c_j | prompt, c_<j),      p(label) = softmax over candidates of score
 
-The batch's examples are packed into rows (first-fit decreasing), and the prompts' common prefix (the
-instruction every DialogueLLM prompt starts with) is held once at the start of each row, seen by every
-example of the row, as in training (engine/packing.py):
+The batch's examples are packed into rows (first-fit decreasing). The prompts' common prefix (the instruction
+every DialogueLLM prompt starts with) is computed once per batch: its keys and values (Transformer.encode_prefix)
+are put in front of every row's, and every example sees them (prefix_cache=True, the default):
 
-    prefix | prompt_0 rest | cands of 0 | prompt_1 rest | cands of 1 | ... | pad
+    [prefix keys] + prompt_0 rest | cands of 0 | prompt_1 rest | cands of 1 | ... | pad
+
+With prefix_cache=False the prefix is held as tokens at the start of each row instead, as in training
+(engine/packing.py): the twin the cached path is tested against.
 
 A prediction is therefore always one of the labels, unlike free generation followed by string matching.
 """
@@ -58,11 +61,12 @@ def pack_prompt_with_candidates(prompt: list[int], candidates: list[list[int]], 
 
 @torch.no_grad()
 def score_candidates(model: nn.Module, prompts: list[list[int]], candidates: list[list[int]], *,
-                     pad_id: int, batch_size: int = 8, max_row_len: int = 1024) -> Tensor:
+                     pad_id: int, batch_size: int = 8, max_row_len: int = 1024, prefix_cache: bool = True) -> Tensor:
     """Summed log-probability of each candidate after each prompt: (N, C) fp32 on CPU.
 
-    batch_size examples go through one forward pass, packed into rows of at most max_row_len tokens (or the
-    longest single example, if that is longer).
+    batch_size examples go through one forward pass, packed into rows of at most max_row_len tokens with the
+    shared prefix counted in (or the longest single example, if that is longer); prefix_cache: the module
+    docstring. Both ways pack the same rows and attend over the same keys.
     """
     device = next(model.parameters()).device
     scores = torch.zeros(len(prompts), len(candidates))
@@ -72,25 +76,31 @@ def score_candidates(model: nn.Module, prompts: list[list[int]], candidates: lis
         items = [pack_prompt_with_candidates(p, candidates, P) for p in chunk]
         rows = first_fit_decreasing([len(it.ids) for it in items], max(max_row_len, P + max(len(it.ids)
                                                                                          for it in items)) - P)
-        T = max(P + sum(len(items[i].ids) for i in row) for row in rows)
+        lead = 0 if prefix_cache and P else P  # the prefix's tokens in every row, unless cached
+        T = max(lead + sum(len(items[i].ids) for i in row) for row in rows)
         ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
         pos = torch.zeros((len(rows), T), dtype=torch.long)
         example = torch.full((len(rows), T), PAD_SEGMENT, dtype=torch.long)
         owner = torch.full((len(rows), T), PROMPT, dtype=torch.long)
         at: list[tuple[int, int, int, int, int]] = []  # (example, candidate, row, column, token) per target
         for r, row in enumerate(rows):
-            ids[r, :P] = torch.tensor(chunk[0][:P], dtype=torch.long)  # the shared prefix, once a row
-            pos[r, :P] = torch.arange(P)
-            example[r, :P] = SHARED_SEGMENT
-            col = P
+            ids[r, :lead] = torch.tensor(chunk[0][:lead], dtype=torch.long)  # the shared prefix, once a row
+            pos[r, :lead] = torch.arange(lead)
+            example[r, :lead] = SHARED_SEGMENT
+            col = lead
             for e, i in enumerate(row):
                 it, n = items[i], len(items[i].ids)
                 ids[r, col:col + n], pos[r, col:col + n] = torch.tensor(it.ids), torch.tensor(it.positions)
                 example[r, col:col + n], owner[r, col:col + n] = e, torch.tensor(it.owner)
                 at += [(start + i, k, r, col + j, tok) for k, j, tok in it.targets]
                 col += n
-        mask = segment_mask(example, owner)  # the shared prefix, the own prompt, the own candidate
-        h = model.hidden_states(ids.to(device), pos.to(device), mask.to(device))  # (rows, T, D)
+        mask = segment_mask(example, owner)  # (rows, T, T): the shared prefix, the own prompt, the own candidate
+        if lead == P:
+            h = model.hidden_states(ids.to(device), pos.to(device), mask.to(device))  # (rows, T, D)
+        else:  # every query (pads too: no empty softmax row) also sees the whole cached prefix
+            kv = model.encode_prefix(torch.tensor([chunk[0][:P]], device=device))
+            mask = torch.cat([torch.ones(len(rows), T, P, dtype=torch.bool), mask], dim=2)  # (rows, T, P + T)
+            h = model.hidden_states(ids.to(device), pos.to(device), mask.to(device), prefix=kv)  # (rows, T, D)
         # only the positions that predict a candidate token reach the vocabulary projection
         ex_idx, cand_idx, row_idx, col_idx, tok = (torch.tensor(c) for c in zip(*at))
         logp = torch.log_softmax(model.output(h[row_idx.to(device), col_idx.to(device)]).float(), dim=-1)

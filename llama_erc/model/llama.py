@@ -85,7 +85,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None = None,
+                prefix: tuple[Tensor, Tensor] | None = None, record: list | None = None) -> Tensor:
+        """prefix (inference): keys and values (1, Hkv, P, Dh) of tokens every row sees before its own, put in
+        front of the row's keys (mask is then bool (B, 1, T, P + T)). record: a list the rotated keys and the
+        values (B, Hkv, T, Dh) are appended to (Transformer.encode_prefix)."""
         B, T, _ = x.shape
         # q and k rotated by one launch, in place into the projections' outputs (dead otherwise), unless
         # checkpointing keeps those outputs for its recomputation: "selective" through a dispatch mode, which
@@ -95,6 +99,10 @@ class Attention(nn.Module):
                        self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, Dh)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, Dh)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, Dh)
+        if record is not None:
+            record.append((k, v))
+        if prefix is not None:  # (1, Hkv, P, Dh) in front of every row's own: (B, Hkv, P + T, Dh)
+            k, v = (torch.cat([p.expand(B, -1, -1, -1), t], dim=2) for p, t in zip(prefix, (k, v)))
         gqa = self.n_kv_heads != self.n_heads
         if isinstance(mask, BlockMask):  # the same "query may see key" rule as a bool mask, tile-sparse
             o = _flex(q, k, v, mask, gqa)  # (B, H, T, Dh)
@@ -130,8 +138,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, ops)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None = None) -> Tensor:
-        h_attn = self.attention(self.attention_norm(h), cos, sin, mask)
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | BlockMask | None = None,
+                prefix: tuple[Tensor, Tensor] | None = None, record: list | None = None) -> Tensor:
+        h_attn = self.attention(self.attention_norm(h), cos, sin, mask, prefix, record)
         # the residual add and ffn_norm in one op (one pass over memory with the fused kernel); ffn_norm keeps its
         # parameter, so checkpoints load as before, but its forward is not called (nor hooks on it)
         h, n2 = self.ops.add_rms_norm(h_attn, h, self.ffn_norm.weight, self.ffn_norm.eps)
@@ -198,16 +207,34 @@ class Transformer(nn.Module):
             elif not name.endswith(("lora_a", "lora_b")):  # adapters have their own init
                 p.normal_(0.0, std, generator=generator)
 
+    @torch.no_grad()
+    def encode_prefix(self, tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """tokens (1, P) at positions 0..P-1 -> per layer its rotated keys and values (1, Hkv, P, Dh): a prefix
+        that many rows share (label scoring's instruction), computed once and passed to hidden_states(prefix=)."""
+        if tokens.dim() != 2 or tokens.shape[0] != 1 or tokens.shape[1] == 0:
+            raise ValueError(f"encode_prefix takes one non-empty row of tokens (1, P), got {tuple(tokens.shape)}")
+        cos, sin = rope_cos_sin(torch.arange(tokens.shape[1], device=tokens.device), self.config)
+        h, kv = self.tok_embeddings(tokens), []
+        for layer in self.layers:
+            h = layer(h, cos, sin, None, None, kv)
+        return kv
+
     def hidden_states(self, tokens: Tensor, positions: Tensor | None = None,
-                      mask: Tensor | BlockMask | None = None) -> Tensor:
+                      mask: Tensor | BlockMask | None = None,
+                      prefix: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """tokens: (B, T) -> final normed hidden states (B, T, D), before the vocabulary projection.
 
         positions: (T,) or (B, T) integer positions (default arange(T)); per-row positions serve packed rows.
         mask: optional bool (B, T, T), True where query t may attend to key s; or a flex_attention BlockMask of
         batch B (or 1) over T x T that encodes the same rule; default causal. flex_attention has a backward
         on CUDA only (torch 2.13), so a BlockMask trains on CUDA and runs inference anywhere.
+        prefix (inference only): encode_prefix's keys and values of P tokens every row sees first; the mask is
+        then bool (B, T, P + T) over [prefix keys, own keys] (default: the whole prefix, then causal), and
+        positions (default P..P+T-1) continue after the prefix.
         """
         B, T = tokens.shape
+        if prefix is not None:
+            return self._hidden_states_after(tokens, positions, mask, prefix)
         if positions is None:
             positions = torch.arange(T, device=tokens.device)
         elif positions.shape[-1] != T or positions.dim() not in (1, 2):
@@ -233,6 +260,31 @@ class Transformer(nn.Module):
                                **(selective if self.activation_checkpointing == "selective" else {}))
             else:
                 h = layer(h, cos, sin, mask)
+        return self.norm(h)
+
+    def _hidden_states_after(self, tokens: Tensor, positions: Tensor | None, mask: Tensor | None,
+                             prefix: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """hidden_states with a cached prefix: every layer called plainly (no checkpointing: no backward here)."""
+        if torch.is_grad_enabled():
+            raise ValueError("hidden_states(prefix=) is for inference: run it under torch.no_grad()")
+        B, T = tokens.shape
+        if len(prefix) != len(self.layers):
+            raise ValueError(f"prefix holds {len(prefix)} layers' keys and values, the model has {len(self.layers)}")
+        P = prefix[0][0].shape[2]
+        if positions is None:
+            positions = torch.arange(P, P + T, device=tokens.device)
+        elif positions.shape[-1] != T or positions.dim() not in (1, 2):
+            raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens {(B, T)}")
+        if mask is None:  # the whole prefix, then causal over the row's own tokens
+            own = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = torch.cat([own.new_ones(T, P), own], dim=1).expand(B, T, P + T)
+        elif isinstance(mask, BlockMask) or mask.shape != (B, T, P + T) or mask.dtype != torch.bool:
+            raise ValueError(f"with a prefix of {P} tokens the mask must be bool (B, T, P + T) = {(B, T, P + T)}, "
+                             f"got {getattr(mask, 'dtype', type(mask).__name__)} {tuple(mask.shape)}")
+        cos, sin = rope_cos_sin(positions, self.config)  # (T | B T, Dh/2) fp32
+        h = self.tok_embeddings(tokens)  # (B, T, D)
+        for layer, kv in zip(self.layers, prefix):
+            h = layer(h, cos, sin, mask[:, None], kv)  # mask (B, 1, T, P + T): shared by all heads
         return self.norm(h)
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None,

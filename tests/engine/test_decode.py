@@ -102,3 +102,71 @@ def test_predict_set_scores_longest_first_and_answers_in_split_order(demo_tokeni
                                   pad_id=codec.pad_id)
         torch.testing.assert_close(probs[i:i + 1], p, rtol=1e-4, atol=1e-5)
         assert preds[i] == label[0]
+
+
+def _instruction_prompts():
+    instruction = [1, 50, 51, 52, 53, 54, 55, 56]
+    return [instruction + rest for rest in ([60], [61, 62, 63], [60, 64], [65, 66, 67, 68, 69], [60, 64, 70])]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("max_row_len", [1024, 20])
+def test_cached_prefix_scores_like_the_prefix_in_every_row(dtype, tol, max_row_len):
+    """The instruction's keys and values computed once a batch (prefix_cache, the default) score as its tokens
+    held at the start of every row (the twin), in fp32 and bf16, one row or several (max_row_len 20)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    model = model.to(dtype)
+    prompts, candidates = _instruction_prompts(), [[300, 2], [300, 301, 2], [302, 2]]
+    got = score_candidates(model, prompts, candidates, pad_id=0, batch_size=8, max_row_len=max_row_len)
+    want = score_candidates(model, prompts, candidates, pad_id=0, batch_size=8, max_row_len=max_row_len,
+                            prefix_cache=False)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+def test_cached_prefix_is_computed_once_a_batch_and_rows_hold_none_of_it(monkeypatch):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    prompts, candidates = _instruction_prompts(), [[300, 2], [302, 2]]
+    calls, rows = [], []
+    encode, hidden = model.encode_prefix, model.hidden_states
+    monkeypatch.setattr(model, "encode_prefix", lambda t: calls.append(t.tolist()) or encode(t))
+    monkeypatch.setattr(model, "hidden_states", lambda ids, *a, **k: rows.append(ids) or hidden(ids, *a, **k))
+    score_candidates(model, prompts, candidates, pad_id=0, batch_size=8, max_row_len=20)
+    assert calls == [[prompts[0][:8]]]  # once, the 8 shared tokens (the 9th differs)
+    assert rows[0].shape[0] > 1 and not (rows[0][:, :8] == torch.tensor(prompts[0][:8])).all(-1).any()
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_encode_prefix_then_hidden_states_equal_one_causal_pass(n_kv_heads):
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, n_kv_heads=n_kv_heads or cfg.n_heads)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, cfg.vocab_size, (2, 11))
+    tokens[1, :5] = tokens[0, :5]
+    with torch.no_grad():
+        full = model.hidden_states(tokens)  # (2, 11, D), causal
+        kv = model.encode_prefix(tokens[:1, :5])
+        after = model.hidden_states(tokens[:, 5:], prefix=kv)  # default mask and positions 5..10
+    torch.testing.assert_close(after, full[:, 5:], rtol=1e-5, atol=1e-5)
+    assert len(kv) == cfg.n_layers and kv[0][0].shape == (1, cfg.n_kv_heads, 5, cfg.head_dim)
+
+
+def test_prefix_refuses_training_and_wrong_shapes():
+    model = Transformer(preset("tiny")).eval()
+    kv = model.encode_prefix(torch.tensor([[1, 2, 3]]))
+    tokens = torch.tensor([[4, 5]])
+    with pytest.raises(ValueError, match="inference"):
+        model.hidden_states(tokens, prefix=kv)  # grad enabled
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"\(B, T, P \+ T\) = \(1, 2, 5\)"):
+            model.hidden_states(tokens, mask=torch.ones(1, 2, 2, dtype=torch.bool), prefix=kv)
+        with pytest.raises(ValueError, match="layers"):
+            model.hidden_states(tokens, prefix=kv[:-1])
+    with pytest.raises(ValueError, match=r"one non-empty row"):
+        model.encode_prefix(torch.tensor([[1, 2], [3, 4]]))
