@@ -101,7 +101,8 @@ all)
 torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")'; } 2>&1 | tee -a "$log"
     if [[ ${DRY:-0} != 1 ]]; then  # the GPU tests of the new paths (CUDA graphs, block recompute, kernels)
         run 90 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests/engine/test_graphs.py tests/model/test_recompute.py \
-            tests/kernels/test_rope_qk.py tests/kernels/test_swiglu.py tests/engine/test_supervised_gather.py
+            tests/kernels/test_rope_qk.py tests/kernels/test_swiglu.py tests/engine/test_supervised_gather.py \
+            tests/engine/test_decode.py
     fi
     run 60 $PY -m llama_erc.benchmarks.kernels "${small[@]}" --out "$OUT/kernels.json"
     for ck in block none; do  # does "none" fit 8 x 512 at 7B (what `auto` would pick), and what block keeps

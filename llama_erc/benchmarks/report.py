@@ -58,9 +58,14 @@ def markdown(report: dict) -> str:
     if report["eval"]:
         e = report["eval"]
         lines += ["", "| eval | utterances/s |", "|---|---:|",
-                  f"| {e.get('ours_system', 'ours')}, label-restricted | {fmt(e.get('ours_utt_per_s'), '.2f')} |",
-                  f"| HF generate, 4 beams + string match | {fmt(e.get('hf_utt_per_s'), '.2f')} |",
-                  "", f"eval speedup: {fmt(e.get('speedup'), '.1f')} · HF outputs naming a label: "
+                  f"| {e.get('ours_system', 'ours')}, label-restricted | {fmt(e.get('ours_utt_per_s'), '.2f')} |"]
+        if "ours_graphs_utt_per_s" in e:
+            lines.append(f"| {e['ours_graphs_system']}, label-restricted, CUDA graphs | "
+                         f"{fmt(e['ours_graphs_utt_per_s'], '.2f')} |")
+        lines += [f"| HF generate, 4 beams + string match | {fmt(e.get('hf_utt_per_s'), '.2f')} |",
+                  "", f"eval speedup: {fmt(e.get('speedup'), '.1f')}"
+                  + (f" (CUDA graphs: {fmt(e.get('graphs_speedup'), '.1f')})" if "ours_graphs_utt_per_s" in e else "")
+                  + " · HF outputs naming a label: "
                   f"{fmt(e.get('hf_matched_fraction'), '.2f')} (random weights name none)"]
     return "\n".join(lines) + "\n"
 
@@ -70,7 +75,9 @@ def build_report(args, rt, mcfg, batches, runs, systems, failed, evals, peak_tfl
     """The JSON report from what has been measured so far (written after every system, so a run cut short by a
     time limit still leaves the systems it finished)."""
     device = rt.device
-    evals = {**evals, "speedup": _ratio(evals.get("ours_utt_per_s"), evals.get("hf_utt_per_s"))} if evals else None
+    evals = {**evals, "speedup": _ratio(evals.get("ours_utt_per_s"), evals.get("hf_utt_per_s")),
+             **({"graphs_speedup": _ratio(evals["ours_graphs_utt_per_s"], evals.get("hf_utt_per_s"))}
+                if "ours_graphs_utt_per_s" in evals else {})} if evals else None
     ours_names = [n for n, v in runs if v is not None and n in systems]
     headline = max(ours_names, key=lambda n: systems[n]["tokens_per_s"], default=None)
     ratios = {f"{o} vs {h}": {"speedup": _ratio(systems[o]["tokens_per_s"], systems[h]["tokens_per_s"]),

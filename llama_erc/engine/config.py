@@ -51,7 +51,8 @@ class TrainConfig(DataConfig):
     packed_attention: str = "sdpa"  # with --packing: sdpa (bool block-diagonal mask) | flex (BlockMask; CUDA only)
     share_prefix: bool = False  # with --packing: each row holds the examples' common prompt prefix once
     # with --packing: micro-batches in a few fixed shapes, each shape's forward + backward one CUDA graph replayed
-    # (engine/graphs.py); one process only; on a CPU the same fixed-shape batches run eagerly
+    # (engine/graphs.py), and the dev evaluations' score batches likewise (forward only); one process only; on a
+    # CPU the same fixed-shape batches run eagerly
     cuda_graphs: bool = False
     # optimisation (OptimConfig)
     micro_batch: int = 8
@@ -155,6 +156,7 @@ class EvalConfig:
     calibration: str = "none"  # dev | dev-insample: per-label offsets fit on the dev split (engine/calibration.py)
     calibration_metric: str = "weighted_f1"  # weighted_f1 | macro_f1: what --calibration dev's strength is chosen for
     allow_overlap: bool = False  # score a split the run's training dialogues share utterances with (data/leaks.py)
+    cuda_graphs: bool = False  # fixed-shape score batches, each shape's forward a CUDA graph (eagerly off CUDA)
 
     def __post_init__(self) -> None:
         check_choice("split", self.split, ("train", "dev", "test"))

@@ -27,7 +27,7 @@ from llama_erc.engine.runtime import setup_runtime, teardown_runtime
 
 def _dev_calibration(model, codec, spec: str, labels: tuple[str, ...], pcfg, knowledge: tuple[str, ...],
                      guard: LeakGuard, adapters_dir: Path, method: str, *, max_len: int,
-                     batch_size: int) -> Calibration | PriorShift:
+                     batch_size: int, cuda_graphs: bool = False) -> Calibration | PriorShift:
     """The run's calibration of spec's dataset (whose labels are `labels`) by `method` (prior-shift or
     dev-insample): read from calibration.json beside the adapters, else fit now on the whole dev split (never
     another split) and stored there for the next evaluation. The dev split is only loaded when a fit is needed."""
@@ -42,7 +42,8 @@ def _dev_calibration(model, codec, spec: str, labels: tuple[str, ...], pcfg, kno
     dev = load_example_set(spec, "dev", pcfg, knowledge, guard)
     print(f"calibration: fitting {kind} label offsets on the dev split ({len(dev.examples)} utterances, {method})",
           flush=True)
-    _, probs = predict_set(model, codec, dev, max_len=max_len, batch_size=batch_size, progress=True)
+    _, probs = predict_set(model, codec, dev, max_len=max_len, batch_size=batch_size, progress=True,
+                           cuda_graphs=cuda_graphs)
     log_probs = torch.log(probs).numpy()
     gold = np.array([dev.labels.index(ex.label) for ex in dev.examples])
     if method == "prior-shift":
@@ -123,13 +124,14 @@ def run_eval(cfg: EvalConfig) -> list[dict]:
             print(f"evaluating {kind} {cfg.split}: {min(len(eset.examples), cfg.max_examples or 10**12)} "
                   f"utterances, adapters: {adapters or 'none (base model)'}", flush=True)
             preds, probs = predict_set(model, codec, eset, max_len=rc.max_len, batch_size=cfg.batch_size,
-                                       max_examples=cfg.max_examples, progress=True)
+                                       max_examples=cfg.max_examples, progress=True, cuda_graphs=cfg.cuda_graphs)
             extra = {"leak": leaks[spec]}
             if cfg.calibration != "none":
                 # the offsets come from the dev split only; on dev itself the report is in-sample (said in it)
                 method = "prior-shift" if cfg.calibration == "dev" else "dev-insample"
                 cal = _dev_calibration(model, codec, spec, eset.labels, pcfg, rc.knowledge, guard, adapters.parent,
-                                       method, max_len=rc.max_len, batch_size=cfg.batch_size)
+                                       method, max_len=rc.max_len, batch_size=cfg.batch_size,
+                                       cuda_graphs=cfg.cuda_graphs)
                 raw = subset_gold_report(eset, preds, cfg.max_examples)
                 preds = [eset.labels[i] for i in cal.predict(torch.log(probs).numpy(), cfg.calibration_metric)]
                 extra.update(calibration={**asdict(cal), "metric": cfg.calibration_metric,

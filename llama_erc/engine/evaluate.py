@@ -12,6 +12,7 @@ from torch import nn
 
 from llama_erc.data import ExampleSet, PromptCodec, encode_prompt, encode_response
 from llama_erc.engine.decode import predict_labels
+from llama_erc.engine.graphs import ScoreGraphs
 from llama_erc.engine.metrics import classification_report, confusion_png, report_text
 
 
@@ -37,12 +38,15 @@ def subset(examples: list, max_examples: int) -> list:
 
 @torch.no_grad()
 def predict_set(model: nn.Module, codec: PromptCodec, eset: ExampleSet, *, max_len: int, batch_size: int = 8,
-                max_examples: int = 0, progress: bool = False) -> tuple[list[str], torch.Tensor]:
+                max_examples: int = 0, progress: bool = False,
+                cuda_graphs: bool = False) -> tuple[list[str], torch.Tensor]:
     """Predicted canonical label per example, and probabilities over eset.labels (N, C), in eset's order.
 
     The examples are scored longest prompt first, batch_size at a time, so a batch holds prompts of similar
-    length: its rows pack tightly and its shared instruction prefix is most of every row's start. Each
-    example's scores depend on its own prompt only (decode.py's masks), so the order changes no prediction.
+    length: its rows pack tightly and its shared instruction prefix (computed once a batch, decode.py) is most
+    of every prompt. Each example's scores depend on its own prompt only (decode.py's masks), so the order
+    changes no prediction. cuda_graphs: every batch padded to a fixed shape (decode.build_score_batch), each
+    shape's forward captured once and replayed on CUDA (graphs.ScoreGraphs); run eagerly elsewhere.
     """
     examples = subset(eset.examples, max_examples)
     words = examples[0].choices
@@ -51,11 +55,13 @@ def predict_set(model: nn.Module, codec: PromptCodec, eset: ExampleSet, *, max_l
     prompts = [encode_prompt(codec, ex, max_len, n_reserved=reserve) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep the split's order
     probs = torch.empty(len(prompts), len(eset.labels))
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    graphs = ScoreGraphs(model) if cuda_graphs and on_cuda else None  # per call: it holds the weights' addresses
     t0 = time.perf_counter()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         _, p = predict_labels(model, [prompts[i] for i in chunk], candidates, list(eset.labels),
-                              pad_id=codec.pad_id, batch_size=batch_size)
+                              pad_id=codec.pad_id, batch_size=batch_size, fixed_shapes=cuda_graphs, graphs=graphs)
         probs[chunk] = p
         _progress(start + len(chunk), len(order), t0, progress)
     preds = [eset.labels[i] for i in probs.argmax(-1).tolist()]
@@ -63,11 +69,12 @@ def predict_set(model: nn.Module, codec: PromptCodec, eset: ExampleSet, *, max_l
 
 
 def evaluate_sets(model: nn.Module, codec: PromptCodec, sets: list[ExampleSet], *, max_len: int, batch_size: int = 8,
-                  max_examples: int = 0) -> dict:
+                  max_examples: int = 0, cuda_graphs: bool = False) -> dict:
     """Dev metrics during training: per dataset, and their mean weighted F1 (the model-selection criterion)."""
     out: dict = {}
     for eset in sets:
-        preds, _ = predict_set(model, codec, eset, max_len=max_len, batch_size=batch_size, max_examples=max_examples)
+        preds, _ = predict_set(model, codec, eset, max_len=max_len, batch_size=batch_size, max_examples=max_examples,
+                               cuda_graphs=cuda_graphs)
         gold = [ex.label for ex in subset(eset.examples, max_examples)]
         rep = classification_report(gold, preds, list(eset.labels))
         out[f"{eset.dataset}_accuracy"] = rep["accuracy"]

@@ -1,4 +1,6 @@
-"""CUDA graphs for the training step (train.py --cuda_graphs): one captured forward + backward per batch shape.
+"""CUDA graphs for the training step (train.py --cuda_graphs): one captured forward + backward per batch shape;
+and for label-restricted scoring (ScoreGraphs, eval.py --cuda_graphs and the dev evaluations of such a run): one
+captured forward per shape of engine/decode.py's fixed-shape score batches.
 
 Why: an ERC micro-batch is small (8 examples of ~100 tokens), so on a large GPU the step is bound by kernel
 launches (about 3,000 a step, issue 19), not by the matmuls. A CUDA graph replays a captured sequence of kernels
@@ -39,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from llama_erc.engine.batching import Batch
+from llama_erc.engine.decode import score_batch
 
 WARMUP_ITERS = 3  # eager iterations before a capture, as in PyTorch's recipe
 
@@ -47,7 +50,7 @@ WARMUP_ITERS = 3  # eager iterations before a capture, as in PyTorch's recipe
 class _Captured:
     graph: torch.cuda.CUDAGraph
     inputs: tuple  # static buffers, one per loss input (None where the batch has none)
-    loss: Tensor  # 0-d: the replay's summed loss
+    out: Tensor  # the replay's output: StepGraphs' summed loss (0-d), ScoreGraphs' token log-probs (N,)
 
 
 class StepGraphs:
@@ -80,7 +83,7 @@ class StepGraphs:
                 static.copy_(t, non_blocking=True)
         self.scale.fill_(scale)  # a kernel argument, not a host read: no sync
         captured.graph.replay()
-        return captured.loss.clone()  # out of the shared pool before another graph may reuse its memory
+        return captured.out.clone()  # out of the shared pool before another graph may reuse its memory
 
     def _forward_backward(self, inputs: tuple) -> Tensor:
         loss = self.loss_fn(*inputs)
@@ -111,3 +114,54 @@ class StepGraphs:
             raise RuntimeError(f"capturing the training step for input shapes {shapes} failed ({e}); train "
                                "without --cuda_graphs") from e
         return _Captured(graph, static, loss)
+
+
+class ScoreGraphs:
+    """Label scoring's forward (engine/decode.py score_batch: cached prefix, rows, vocabulary projection of the
+    target positions), captured once per fixed shape and replayed: `graphs(batch.inputs)` returns what
+    `score_batch(model, *batch.inputs)` returns, as a fresh tensor. Evaluation is launch-bound like the ERC step
+    (short rows, ~30 layers of small kernels), and it has no optimizer step, so the whole forward is one replay.
+
+    The same recipe as StepGraphs: static input buffers per shape, a warm-up on a side stream, one memory pool,
+    the output cloned out of the pool. No gradients, so nothing to save or restore around a capture. The model
+    must stay in eval mode and its weights must not be replaced while the graphs live (they read the weights'
+    addresses); build a new ScoreGraphs per evaluation.
+    """
+
+    def __init__(self, model: nn.Module, warmup_iters: int = WARMUP_ITERS):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, got {device}")
+        self.model, self.device, self.warmup_iters = model, device, warmup_iters
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, _Captured] = {}
+
+    @torch.no_grad()
+    def __call__(self, inputs: tuple) -> Tensor:
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(inputs)
+        for static, t in zip(captured.inputs, inputs):
+            if static is not None:
+                static.copy_(t, non_blocking=True)
+        captured.graph.replay()
+        return captured.out.clone()  # out of the shared pool
+
+    def _capture(self, inputs: tuple) -> _Captured:
+        static = tuple(None if t is None else t.to(self.device).clone() for t in inputs)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_iters):
+                score_batch(self.model, *static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        shapes = [None if t is None else tuple(t.shape) for t in inputs]
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = score_batch(self.model, *static)
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing label scoring for input shapes {shapes} failed ({e}); evaluate "
+                               "without --cuda_graphs") from e
+        return _Captured(graph, static, out)

@@ -68,7 +68,7 @@ def train(cfg: TrainConfig) -> dict:
 
         def evaluator(m):
             return evaluate_sets(m, codec, dev, max_len=cfg.max_len, batch_size=cfg.dev_batch_size,
-                                 max_examples=cfg.eval_max_examples)
+                                 max_examples=cfg.eval_max_examples, cuda_graphs=cfg.cuda_graphs)
 
         state = train_loop(cfg, rt, model, mcfg, train_seqs, codec.pad_id, evaluator if dev else None,
                            data_fingerprints=fingerprints, leak=guard.report.to_json())

@@ -170,3 +170,96 @@ def test_prefix_refuses_training_and_wrong_shapes():
             model.hidden_states(tokens, prefix=kv[:-1])
     with pytest.raises(ValueError, match=r"one non-empty row"):
         model.encode_prefix(torch.tensor([[1, 2], [3, 4]]))
+
+
+# ---------------------------------------------------------------- fixed shapes (eval with --cuda_graphs)
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("prefix_cache", [True, False])
+@pytest.mark.parametrize("batch_size,max_row_len", [(8, 1024), (8, 20), (3, 1024)])
+def test_fixed_shape_batches_score_like_unpadded(dtype, tol, prefix_cache, batch_size, max_row_len):
+    """Padded rows, columns, prefix tokens and targets change no real score (fp32 to 1e-5, bf16 within its
+    rounding), with the prefix cached or in every row, one row or several."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    model = model.to(dtype)
+    prompts = _instruction_prompts() + [[1, 50, 51, 80, 81]]  # the last batch of 3 shares a shorter prefix
+    candidates = [[300, 2], [300, 301, 2], [302, 2]]
+    kw = dict(pad_id=0, batch_size=batch_size, max_row_len=max_row_len, prefix_cache=prefix_cache)
+    got = score_candidates(model, prompts, candidates, fixed_shapes=True, **kw)
+    want = score_candidates(model, prompts, candidates, **kw)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    if dtype == torch.float32:
+        assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+def test_fixed_shape_batch_layout():
+    from llama_erc.engine.decode import build_score_batch
+
+    prompts, candidates = _instruction_prompts(), [[300, 2], [302, 2]]  # 8 shared tokens, 5 prompts
+    plain = build_score_batch(prompts, 10, candidates, pad_id=0, max_row_len=24)
+    sb = build_score_batch(prompts, 10, candidates, pad_id=0, max_row_len=24, fixed_shape=True)
+    R, T = plain.ids.shape
+    assert R == 3 and sb.ids.shape == (4, 16) and sb.prefix.shape == (1, 16) and sb.mask.shape == (4, 16, 32)
+    assert sb.prefix[0, :8].tolist() == prompts[0][:8] and (sb.prefix[0, 8:] == 0).all()
+    assert not sb.mask[:, :, 8:16].any()  # the padded prefix tokens: seen by no query
+    assert sb.mask[:, :, :8].all()  # the real prefix: seen by every query, pads included
+    n = len(plain.example)
+    assert len(sb.rows) == 32 and n == 20 and len(sb.example) == n  # 5 prompts x (2 + 2) target tokens
+    assert torch.equal(sb.ids[:R, :T], plain.ids) and torch.equal(sb.mask[:R, :T, 16:16 + T], plain.mask[:, :, 8:])
+    assert (sb.rows[n:] == 0).all() and (sb.cols[n:] == 0).all() and (sb.tokens[n:] == 0).all()
+    assert torch.equal(sb.example, plain.example) and sb.example.min() == 10  # indices into the whole list
+
+
+def test_predict_set_with_cuda_graphs_runs_fixed_shapes_on_cpu(demo_tokenizer, monkeypatch):
+    """On a CPU, --cuda_graphs scores the fixed-shape batches eagerly (no capture) with the same predictions."""
+    from llama_erc.data import LABELS, build_codec, load_dialogues, load_tokenizer
+    from llama_erc.data.prompts import PromptConfig, build_examples
+    from llama_erc.data.sets import ExampleSet
+    from llama_erc.engine import decode, evaluate
+    from tests.data.conftest import DEMO
+
+    codec = build_codec(load_tokenizer(demo_tokenizer))
+    examples = build_examples(load_dialogues("meld", DEMO, "test")[:3], "meld", PromptConfig())
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(preset("tiny"), vocab_size=codec.vocab_size)).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    eset = ExampleSet("meld", examples, LABELS["meld"])
+    shapes = []
+    build = decode.build_score_batch
+    monkeypatch.setattr(decode, "build_score_batch", lambda *a, **k: shapes.append(k["fixed_shape"]) or build(*a, **k))
+    preds, probs = evaluate.predict_set(model, codec, eset, max_len=256, batch_size=4, cuda_graphs=True)
+    assert shapes and all(shapes)
+    want_preds, want = evaluate.predict_set(model, codec, eset, max_len=256, batch_size=4)
+    torch.testing.assert_close(probs, want, rtol=1e-5, atol=1e-6)
+    assert preds == want_preds
+
+
+def test_score_graphs_refuse_a_model_off_cuda():
+    from llama_erc.engine.graphs import ScoreGraphs
+
+    with pytest.raises(ValueError, match="CUDA device, got cpu"):
+        ScoreGraphs(Transformer(preset("tiny")))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_scoring_matches_eager_cuda(dtype):
+    """ScoreGraphs' replays against the eager fixed-shape scoring: several shapes (batches of 8 and 3 prompts,
+    rows of 20 tokens), each captured once and replayed for the batches of the same shape."""
+    from llama_erc.engine.graphs import ScoreGraphs
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    model.init_weights(std=0.2, generator=torch.Generator().manual_seed(0))
+    model = model.to("cuda", dtype)
+    prompts = _instruction_prompts() * 3 + [[1, 50, 51, 80, 81]]
+    candidates = [[300, 2], [300, 301, 2], [302, 2]]
+    kw = dict(pad_id=0, batch_size=8, max_row_len=20)
+    graphs = ScoreGraphs(model)
+    got = score_candidates(model, prompts, candidates, graphs=graphs, **kw)
+    want = score_candidates(model, prompts, candidates, fixed_shapes=True, **kw)
+    assert len(graphs.graphs) >= 2
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
