@@ -53,7 +53,27 @@ class _Captured:
     out: Tensor  # the replay's output: StepGraphs' summed loss (0-d), ScoreGraphs' token log-probs (N,)
 
 
-class StepGraphs:
+class _ShapeGraphs:
+    """What both kinds share: a graph per input shape, captured (by the subclass's _capture) the first time the
+    shape occurs; each call copies its inputs into that shape's static buffers and replays the graph."""
+    graphs: dict[tuple, _Captured]
+
+    def _capture(self, inputs: tuple) -> _Captured:
+        raise NotImplementedError
+
+    def _replay(self, inputs: tuple) -> Tensor:
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self.graphs[key] = self._capture(inputs)
+        for static, t in zip(captured.inputs, inputs):
+            if static is not None:
+                static.copy_(t, non_blocking=True)
+        captured.graph.replay()
+        return captured.out.clone()  # out of the shared pool before another graph may reuse its memory
+
+
+class StepGraphs(_ShapeGraphs):
     """Forward + backward of SupervisedLoss, captured once per input shape and replayed:
     `loss = graphs(batch, scale)` does what `loss = loss_fn(*batch.loss_inputs()); (loss * scale).backward()`
     does, returning the summed loss detached."""
@@ -73,17 +93,8 @@ class StepGraphs:
         self.graphs: dict[tuple, _Captured] = {}
 
     def __call__(self, batch: Batch, scale: float) -> Tensor:
-        inputs = batch.loss_inputs()
-        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = self._capture(inputs)
-        for static, t in zip(captured.inputs, inputs):
-            if static is not None:
-                static.copy_(t, non_blocking=True)
         self.scale.fill_(scale)  # a kernel argument, not a host read: no sync
-        captured.graph.replay()
-        return captured.out.clone()  # out of the shared pool before another graph may reuse its memory
+        return self._replay(batch.loss_inputs())
 
     def _forward_backward(self, inputs: tuple) -> Tensor:
         loss = self.loss_fn(*inputs)
@@ -116,7 +127,7 @@ class StepGraphs:
         return _Captured(graph, static, loss)
 
 
-class ScoreGraphs:
+class ScoreGraphs(_ShapeGraphs):
     """Label scoring's forward (engine/decode.py score_batch: cached prefix, rows, vocabulary projection of the
     target positions), captured once per fixed shape and replayed: `graphs(batch.inputs)` returns what
     `score_batch(model, *batch.inputs)` returns, as a fresh tensor. Evaluation is launch-bound like the ERC step
@@ -138,15 +149,7 @@ class ScoreGraphs:
 
     @torch.no_grad()
     def __call__(self, inputs: tuple) -> Tensor:
-        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in inputs)
-        captured = self.graphs.get(key)
-        if captured is None:
-            captured = self.graphs[key] = self._capture(inputs)
-        for static, t in zip(captured.inputs, inputs):
-            if static is not None:
-                static.copy_(t, non_blocking=True)
-        captured.graph.replay()
-        return captured.out.clone()  # out of the shared pool
+        return self._replay(inputs)
 
     def _capture(self, inputs: tuple) -> _Captured:
         static = tuple(None if t is None else t.to(self.device).clone() for t in inputs)
