@@ -20,12 +20,14 @@ and the base without an adapter through both. llama.cpp runs on two bases:
 The check is that the adapter's effect, logits(adapted) - logits(base), is the same in both. Two controls show
 the comparison can fail: our side with the adapter's alpha doubled, and with wq/wk's B rows put in HF's
 rotate-half order (the permutation llama.cpp's converter applies to HF q/k, which a Meta-order adapter must not
-get). `agrees` per base and adapter:
-  * F32 copy: the base's logits within 1e-4 (relative RMS), the effect within 1e-3, each control over 0.2;
-  * Q4_1 file: each control's error at least 5x the real comparison's (the right adapter told apart from wrong
-    ones through the 8-bit noise). A first run had asked the Q4_1 effect to be within 5% with the top token the
-    same at 98% of positions; the random adapter's effect (RMS 10.5 logits) came within 5.8%, top token 92.9%,
-    on a base floor of 2.7%: the floor, not the adapter, which is what the F32 copy was then added to show.
+get). `agrees`, for the F32 copy only: the base's logits within 1e-4 (relative RMS), the adapter's effect within
+1e-3, and each control at least 100x the effect's error. On the Q4_1 file the numbers are reported without a
+verdict: llama.cpp's 8-bit activation rounding sets how close it can come there, so a threshold would be a
+statement about that noise, not about the adapter. How the thresholds came to be, in order: the first run asked
+the Q4_1 effect to be within 5% with the same top token at 98% of positions (the random adapter's effect, RMS 10.5
+logits, came within 5.8%, top token 92.9%, on a base floor of 2.7%), which is why the F32 copy was added; its
+first version asked each control to be over 0.2 in absolute terms, and the trained adapter's q/k control came to
+0.14 against an effect error of 4e-6, so the control floor became a ratio to the effect's error.
 The JSON holds, per base and adapter, max |diff|, relative RMS and top-1 agreement of the logits, the effect's
 relative error and cosine, the controls' errors and `agrees`. Paths in it are relative to the repository.
 """
@@ -61,8 +63,8 @@ PROMPTS = (
     "Tess: No way, that is wonderful news.<|im_end|>\n<|im_start|>assistant\nTess sounds",
     "The lighthouse keeper counted the ships every evening and wrote their names in a small green book.",
 )
-# see the docstring: F32 copy (base, effect, control floor); Q4_1 file (control / real error)
-F32_BASE_TOL, F32_EFFECT_TOL, CONTROL_MIN, Q4_CONTROL_FACTOR = 1e-4, 1e-3, 0.2, 5.0
+# `agrees` on the F32 copy (see the docstring): base and effect relative errors, controls over the effect's error
+BASE_TOL, EFFECT_TOL, CONTROL_FACTOR = 1e-4, 1e-3, 100.0
 
 
 def f32_copy(src: Path, dst: Path) -> Path:
@@ -112,11 +114,15 @@ def cpp_logits(gguf: Path, adapter: Path | None, prompts: list[list[int]], n_thr
     return out
 
 
+def _sig(x) -> float:
+    return float(f"{float(x):.3g}")  # three significant digits: the errors span 1e-6 to 1
+
+
 def compare(a: list[np.ndarray], b: list[np.ndarray]) -> dict:
     """a against b (the reference): max |a - b|, RMS(a - b) / RMS(b), share of positions with the same top token."""
     a, b = np.concatenate(a), np.concatenate(b)
     rel = float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
-    return {"max_abs_diff": round(float(np.abs(a - b).max()), 5), "rel_rms": round(rel, 6),
+    return {"max_abs_diff": _sig(np.abs(a - b).max()), "rel_rms": _sig(rel),
             "top1_agree": round(float(np.mean(a.argmax(-1) == b.argmax(-1))), 4)}
 
 
@@ -124,8 +130,8 @@ def effect(cpp_a, cpp_b, our_a, our_b) -> dict:
     """llama.cpp's adapter effect (adapted - base logits) against ours: relative RMS error and cosine."""
     d_cpp = np.concatenate([x - y for x, y in zip(cpp_a, cpp_b)]).ravel().astype(np.float64)
     d_our = np.concatenate([x - y for x, y in zip(our_a, our_b)]).ravel().astype(np.float64)
-    return {"rms_ours": round(float(np.sqrt(np.mean(d_our ** 2))), 5),
-            "rel_err": round(float(np.linalg.norm(d_cpp - d_our) / np.linalg.norm(d_our)), 6),
+    return {"rms_ours": _sig(np.sqrt(np.mean(d_our ** 2))),
+            "rel_err": _sig(np.linalg.norm(d_cpp - d_our) / np.linalg.norm(d_our)),
             "cosine": round(float(d_cpp @ d_our / (np.linalg.norm(d_cpp) * np.linalg.norm(d_our))), 6)}
 
 
@@ -164,11 +170,9 @@ def our_adapted(gguf: Path, adapter: Path, prompts: list[list[int]], *, alpha_fa
     return ours_logits(model.eval(), prompts)
 
 
-def check(name: str, row: dict, base: dict) -> bool:
-    err, controls = row["effect"]["rel_err"], row["controls"].values()
-    if name == "f32_copy":
-        return base["rel_rms"] <= F32_BASE_TOL and err <= F32_EFFECT_TOL and min(controls) >= CONTROL_MIN
-    return min(controls) >= Q4_CONTROL_FACTOR * err
+def agrees(row: dict, base: dict) -> bool:
+    err = row["effect"]["rel_err"]
+    return base["rel_rms"] <= BASE_TOL and err <= EFFECT_TOL and min(row["controls"].values()) >= CONTROL_FACTOR * err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
               "git": git_state(), "llama_cpp_python": llama_cpp.__version__, "model": repo_relative(gguf),
               "prompt_tokens": [len(ids) for ids in prompts], "n_threads": a.n_threads,
-              "thresholds": {"f32_copy": {"base_rel_rms_max": F32_BASE_TOL, "effect_rel_err_max": F32_EFFECT_TOL,
-                                          "control_rel_err_min": CONTROL_MIN},
-                             "q4_1_file": {"control_over_real_error_min": Q4_CONTROL_FACTOR}},
+              "thresholds_f32_copy": {"base_rel_rms_max": BASE_TOL, "effect_rel_err_max": EFFECT_TOL,
+                                      "control_over_effect_error_min": CONTROL_FACTOR},
               "bases": {}}
     our_base = ours_logits(load_pretrained(gguf, dtype=torch.float32, base_quant="gguf").eval(), prompts)
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,14 +225,15 @@ def main(argv: list[str] | None = None) -> int:
                        f"all seven linears, B std {a.scale}/sqrt(r))",
                        "adapted": compare(cpp, our), "effect": effect(cpp, cpp_base, our, our_base),
                        "controls": {c: effect(cpp, cpp_base, o, our_base)["rel_err"] for c, o in spoiled.items()}}
-                row["agrees"] = check(base_name, row, entry["base"])
+                if base_name == "f32_copy":
+                    row["agrees"] = agrees(row, entry["base"])
                 entry["adapters"][name] = row
                 print(f"{base_name} / {name}: {json.dumps(row)}", flush=True)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     a.out_json.parent.mkdir(parents=True, exist_ok=True)
     a.out_json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {repo_relative(a.out_json)}")
-    return 0 if all(r["agrees"] for b in result["bases"].values() for r in b["adapters"].values()) else 1
+    return 0 if all(r["agrees"] for r in result["bases"]["f32_copy"]["adapters"].values()) else 1
 
 
 if __name__ == "__main__":
