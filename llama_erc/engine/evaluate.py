@@ -55,8 +55,8 @@ def predict_set(model: nn.Module, codec: PromptCodec, eset: ExampleSet, *, max_l
     prompts = [encode_prompt(codec, ex, max_len, n_reserved=reserve) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # stable: ties keep the split's order
     probs = torch.empty(len(prompts), len(eset.labels))
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    graphs = ScoreGraphs(model) if cuda_graphs and on_cuda else None  # per call: it holds the weights' addresses
+    on_cuda = cuda_graphs and next(model.parameters()).device.type == "cuda"
+    graphs = ScoreGraphs(model) if on_cuda else None  # one per call: it holds the weights' addresses
     t0 = time.perf_counter()
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]

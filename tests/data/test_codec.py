@@ -175,7 +175,7 @@ def test_training_and_decoding_use_the_same_ids(chat_codec, monkeypatch):
     examples = build_examples(load_dialogues("meld", DEMO, "test")[:2], "meld", PromptConfig())
     seen = []
 
-    def fake_predict_labels(model, prompts, candidates, labels, *, pad_id, batch_size):
+    def fake_predict_labels(model, prompts, candidates, labels, *, pad_id, batch_size, **scoring):
         seen.append((prompts, candidates, pad_id))
         return [labels[0]] * len(prompts), torch.full((len(prompts), len(labels)), 1 / len(labels))
 
