@@ -65,6 +65,16 @@ def _flex(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, enable_gqa: bo
     return fn(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
 
 
+def _positions(tokens: Tensor, positions: Tensor | None, start: int) -> Tensor:
+    """hidden_states' positions: start..start+T-1 by default, else checked against tokens (B, T)."""
+    T = tokens.shape[1]
+    if positions is None:
+        return torch.arange(start, start + T, device=tokens.device)
+    if positions.shape[-1] != T or positions.dim() not in (1, 2):
+        raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens {tuple(tokens.shape)}")
+    return positions
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, ops: Ops = REFERENCE_OPS):
         super().__init__()
@@ -235,10 +245,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if prefix is not None:
             return self._hidden_states_after(tokens, positions, mask, prefix)
-        if positions is None:
-            positions = torch.arange(T, device=tokens.device)
-        elif positions.shape[-1] != T or positions.dim() not in (1, 2):
-            raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens {(B, T)}")
+        positions = _positions(tokens, positions, 0)
         if isinstance(mask, BlockMask):
             if mask.shape[0] not in (1, B) or tuple(mask.seq_lengths) != (T, T):
                 raise ValueError(f"BlockMask of batch {mask.shape[0]} over {tuple(mask.seq_lengths)} does not "
@@ -271,10 +278,7 @@ class Transformer(nn.Module):
         if len(prefix) != len(self.layers):
             raise ValueError(f"prefix holds {len(prefix)} layers' keys and values, the model has {len(self.layers)}")
         P = prefix[0][0].shape[2]
-        if positions is None:
-            positions = torch.arange(P, P + T, device=tokens.device)
-        elif positions.shape[-1] != T or positions.dim() not in (1, 2):
-            raise ValueError(f"positions shape {tuple(positions.shape)} does not match tokens {(B, T)}")
+        positions = _positions(tokens, positions, P)
         if mask is None:  # the whole prefix, then causal over the row's own tokens
             own = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             mask = torch.cat([own.new_ones(T, P), own], dim=1).expand(B, T, P + T)
