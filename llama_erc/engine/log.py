@@ -28,10 +28,11 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
     def step(self, *, step: int, total: int, loss: float, lr: float, gnorm: float, tokens_per_s: float,
-             elapsed_s: float, peak_mem_gb: float, **extra) -> None:
+             eta: float, peak_mem_gb: float, **extra) -> None:
+        """tokens_per_s: the rate since the previous record; eta: seconds of training steps left (evaluations and
+        checkpoints not counted)."""
         if not self.enabled:
             return
-        eta = elapsed_s / max(1, step) * (total - step)  # mean step time of this process so far
         print(f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | gnorm {gnorm:.3f} | "
               f"{tokens_per_s / 1000:.2f}k tok/s | eta {_fmt_duration(eta)} | mem {peak_mem_gb:.2f} GB", flush=True)
         self.write({"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tokens_per_s,

@@ -62,6 +62,30 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+class _Pace:
+    """Seconds and tokens of the training steps this process ran: in all (for the ETA) and since the last
+    window_rate() (the tokens/s a person watching the log wants, not an average diluted by the run's start)."""
+
+    def __init__(self) -> None:
+        self.steps, self.seconds, self.tokens = 0, 0.0, 0
+        self._window_s, self._window_tokens = 0.0, 0
+
+    def add(self, seconds: float, tokens: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += tokens
+        self._window_s += seconds
+        self._window_tokens += tokens
+
+    def window_rate(self) -> float:
+        rate = self._window_tokens / max(self._window_s, 1e-9)
+        self._window_s, self._window_tokens = 0.0, 0
+        return rate
+
+    def mean_step_s(self) -> float:
+        return self.seconds / max(1, self.steps)
+
+
 def _reseed(seed: int, step: int, rank: int) -> None:
     # dropout masks become a function of (seed, step, rank): exact resume on every rank, distinct across ranks
     torch.manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
@@ -109,7 +133,9 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
                             keep_last=cfg.keep_last)
 
     model.train()
-    t_start, tokens_done = time.perf_counter(), 0
+    # Timed: the training steps this process ran, not evaluations or checkpoints (an hour-long run spends minutes
+    # in each), and not the steps a resumed run inherited. The rate is over the window since the last record.
+    pace = _Pace()
     with _StopRequest() as stop:
         while state["step"] < total_steps:
             step = state["step"]
@@ -118,6 +144,7 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             set_lr(opt, lr)
             global_seqs = [train_seqs[i] for i in plan.global_indices(step)]  # every rank counts the same batch
             micro_batches = [[train_seqs[i] for i in idx] for idx in plan.micro_batches(step, rt.rank)]
+            t_step = time.perf_counter()
             try:
                 result = train_step(loss_fn, opt, params, micro_batches, layout=cfg.layout, pad_id=pad_id,
                                     weight_sum=sum(s.supervised_weight for s in global_seqs), grad_clip=cfg.grad_clip,
@@ -126,13 +153,14 @@ def train_loop(cfg: TrainConfig, rt: Runtime, model: nn.Module, model_config, tr
             except NonFiniteError as e:
                 raise NonFiniteError(f"{e} at step {step + 1}; stopped without saving, the last good checkpoint in "
                                      f"{out / 'checkpoints'} is intact") from None
+            pace.add(time.perf_counter() - t_step, sum(len(s.ids) for s in global_seqs))
             state["step"] += 1
-            tokens_done += sum(len(s.ids) for s in global_seqs)
-            elapsed = time.perf_counter() - t_start
             if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
                 log.step(step=state["step"], total=total_steps, loss=result.loss, lr=lr, gnorm=result.grad_norm,
-                         tokens_per_s=tokens_done / elapsed, elapsed_s=elapsed, peak_mem_gb=peak_memory_gb(rt.device),
-                         supervised_tokens=sum(s.n_supervised for s in global_seqs), tokens=tokens_done)
+                         tokens_per_s=pace.window_rate(), eta=pace.mean_step_s() * (total_steps - state["step"]),
+                         peak_mem_gb=peak_memory_gb(rt.device),
+                         supervised_tokens=sum(s.n_supervised for s in global_seqs), tokens=pace.tokens,
+                         train_s=pace.seconds)
             done = state["step"] == total_steps
             if evaluator is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
                 _evaluate(evaluator, model, state, out, rt, log, record)

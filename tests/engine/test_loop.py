@@ -155,3 +155,30 @@ def test_selective_checkpointing_training_matches_none(tmp_path):
         runs[mode] = _adapters(model)
     for name, x in runs["none"].items():
         torch.testing.assert_close(runs["selective"][name], x, rtol=0, atol=0, msg=name)
+
+
+def test_metrics_time_training_steps_only(tmp_path):
+    """tokens/s and the ETA count the training steps this process ran, not the evaluations between them: a slow
+    evaluation leaves train_s well under the wall time and the rate is each window's own."""
+    import time
+
+    seqs = synthetic_sequences(16)
+    cfg = base_cfg(tmp_path / "run", micro_batch=2, grad_accum=1, max_steps=6, log_every=2, eval_every=2)
+
+    def slow_eval(model):
+        time.sleep(0.5)
+        return {"weighted_f1": 0.5}
+
+    t0 = time.perf_counter()
+    _run(cfg, seqs, evaluator=slow_eval)
+    wall = time.perf_counter() - t0
+    records = [r for r in map(json.loads, open(os.path.join(cfg.out_dir, "metrics.jsonl"))) if "loss" in r]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    assert records[-1]["train_s"] < wall - 1.4  # three evaluations of 0.5 s are not training time
+    assert records[-1]["eta_s"] == 0
+    per_step = records[0]["train_s"] / 2
+    assert records[0]["eta_s"] == pytest.approx(per_step * 4)  # 4 steps left at the mean step time so far
+    tokens = [r["tokens"] for r in records]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+    # the first window's rate is its own tokens over its own seconds
+    assert records[0]["tokens_per_s"] == pytest.approx(tokens[0] / records[0]["train_s"])
