@@ -4,9 +4,10 @@
     python scripts/erc_levers_run.py --collect          # rebuild the results file from what has run
 
 The baseline is the recipe of benchmarks/results/meld_smollm2_cpu.json (chat prompt, 2 previous turns, LoRA r=8 on
-all seven linears, packed rows with the shared prefix, bf16, lr 1e-3) under a fixed training budget that every
-row shares: --steps optimizer steps of --micro-batch sequences (64 x 16 = 1,024 sequences by default, about a
-tenth of a MELD epoch), with no dev evaluation during training (the final adapters are evaluated). A speaker
+all seven linears, packed rows with the shared prefix, --dtype auto: bf16 where the CPU has native bf16, lr 1e-3)
+under a fixed training budget that every row shares: --steps optimizer steps of --micro-batch sequences (64 x 16 =
+1,024 sequences by default, about a tenth of a MELD epoch), with no dev evaluation during training (the final
+adapters are evaluated). A speaker
 warm-up adds its own --warmup-stage-steps before that budget, counted in its train_tokens.
 
 Each (dataset, system) cell runs in <out>/<dataset>/<system>/: train.py, then one `eval.py --split test
@@ -51,7 +52,7 @@ CALIBRATED = " + dev calibration"
 def recipe(model: str, spec: str, out: Path, a: argparse.Namespace, steps: int) -> list[str]:
     return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=1", "train.py",
             "--model", model, "--train_data", spec, "--out_dir", str(out), "--prompt_format", "chat",
-            "--dtype", "bf16", "--kernels", "off", "--activation_checkpointing", "none", "--packing",
+            "--dtype", a.dtype, "--kernels", "off", "--activation_checkpointing", "none", "--packing",
             "--share_prefix", "--context_turns", "2", "--max_len", str(a.max_len), "--micro_batch",
             str(a.micro_batch), "--grad_accum", "1", "--max_steps", str(steps), "--lr", str(a.lr),
             "--warmup_steps", str(max(1, steps // 10)), "--lora_rank", "8", "--lora_alpha", "16",
@@ -188,6 +189,8 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 where the CPU has native bf16 matmul, fp32 where bf16 would be emulated")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ Every row is scored on the MELD test split (2,610 utterances) with scikit-learn'
    chat template (`eval.py --model GGUF --prompt_format alpaca|chat`);
 3. SmolLM2 few-shot: --n-shots demonstrations drawn once from train, in the chat format;
 4. SmolLM2 + LoRA fine-tuned through `torchrun train.py` on the whole MELD train split (--epochs, r=8 on all
-   seven linears, packed rows with the shared prompt prefix, bf16; `--base-quant gguf` trains on the GGUF file's
+   seven linears, packed rows with the shared prompt prefix, --dtype auto; `--base-quant gguf` trains on the GGUF file's
    own blocks instead of weights dequantized at load), evaluated on the whole dev split every
    --eval-every steps, the best adapter by dev weighted F1 kept (best-on-dev selection), then `eval.py` on test.
 Nothing is tuned on test. Label-restricted decoding throughout: every prediction is one of the 7 labels.
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "meld_smollm2")
     p.add_argument("--out-json", type=Path, default=ROOT / "benchmarks" / "results" / "meld_smollm2_cpu.json")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 where the CPU has native bf16 matmul, fp32 where bf16 would be emulated")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--n-shots", type=int, default=3)

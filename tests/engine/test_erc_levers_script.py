@@ -77,3 +77,14 @@ def test_systems_join_levers_and_unknown_names_fail():
     assert flags == ["--retrieval", "tfidf", "--context_turns", "5"] and warmup
     with pytest.raises(SystemExit, match="unknown system 'history-7'"):
         levers.system_flags("retrieval+history-7")
+
+
+def test_recipe_dtype_follows_the_flag_auto_by_default():
+    """The cell recipe takes --dtype (auto by default: an AVX2-only CPU would run a hard-coded bf16 ~13x slower)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    levers.add_recipe_args(p)
+    for argv, want in (([], "auto"), (["--dtype", "fp32"], "fp32")):
+        cmd = levers.recipe("model.gguf", "meld=data", Path("out"), p.parse_args(argv), steps=8)
+        assert cmd[cmd.index("--dtype") + 1] == want
