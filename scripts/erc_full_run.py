@@ -226,8 +226,8 @@ def earlier_rows(old: dict, here: set[tuple[str, str, int]]) -> list[dict]:
 
 
 def provenance_of_earlier(old: dict, arms: set[tuple[str, str, int]]) -> dict:
-    """Where the kept arms ran: the date, commit and CPU of the invocation that ran each (carried over when the
-    old file had kept them from one before it)."""
+    """Where the arms an earlier invocation ran (kept or re-read unchanged) ran: the date, commit and CPU of that
+    invocation (carried over when the old file had them from one before it)."""
     before = old.get("arms_from_earlier_invocations", {})
     this = {"date": old.get("date"), "commit": old.get("git", {}).get("commit"),
             "cpu": old.get("machine", {}).get("cpu")}
@@ -242,6 +242,14 @@ def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
     old = json.loads(a.out_json.read_text()) if a.out_json.is_file() else {}
     kept = earlier_rows(old, {arm for arm in arms if by_arm[arm]})
     rows = sorted(kept + [r for arm in arms for r in by_arm[arm]], key=_row_order)
+    # Invocations that share one runs/ directory re-read each other's arms: one this invocation did not run whose
+    # rows come back exactly as the old file had them ran earlier and keeps its provenance; changed rows are new.
+    old_by_arm: dict[tuple[str, str, int], list[dict]] = {}
+    for r in old.get("rows", []):
+        old_by_arm.setdefault(_arm_of(r), []).append(r)
+    ran_here = {parse_arm(k) for k in commands}
+    reread = {arm for arm, rs in by_arm.items() if rs and arm not in ran_here
+              and sorted(rs, key=_row_order) == sorted(old_by_arm.get(arm, []), key=_row_order)}
     done = sorted({_arm_of(r) for r in rows})
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "git": git_state(),
@@ -252,7 +260,7 @@ def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
         "systems": {name: " ".join(flags) for name, (flags, warm) in levers.SYSTEMS.items() if not warm},
         "commands": {**old.get("commands", {}), **commands},
         "arms_run": ["/".join(map(str, arm)) for arm in done],
-        "arms_from_earlier_invocations": provenance_of_earlier(old, {_arm_of(r) for r in kept}),
+        "arms_from_earlier_invocations": provenance_of_earlier(old, {_arm_of(r) for r in kept} | reread),
         "arms_pending": ["/".join(map(str, arm)) for arm in arms if not by_arm[arm] and arm not in done],
         "leak": {**{k: v for k, v in old.get("leak", {}).items() if parse_arm(k) in done},
                  **{"/".join(map(str, arm)): leak_of(arm, a.out) for arm in arms if arm[0] == "joint"}},

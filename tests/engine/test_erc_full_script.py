@@ -144,3 +144,27 @@ def test_collect_keeps_the_arms_of_earlier_invocations(tmp_path):
     assert 1.0 not in [r["weighted_f1"] for r in result["rows"]]  # the rerun arm's old rows are gone
     assert result["commands"]["meld/baseline/0"] == {"train": "t"}
     assert result["best_by_dev"]["meld"]["arm"] == "meld/baseline"
+
+
+def test_collect_keeps_the_provenance_of_arms_an_earlier_invocation_ran_in_the_same_runs_dir(tmp_path):
+    import argparse
+
+    # invocation 1 (commit "abc") ran meld/baseline/0; invocation 2 runs emorynlp/baseline/0 beside it in the same
+    # runs/: meld's rows are re-read unchanged, so meld still ran at "abc", not at invocation 2's commit
+    _arm(tmp_path / "runs", "meld", "baseline", 0, dev=0.40, oof=(0.38, 0.42), test=0.50, test_cal=0.52)
+    out_json = tmp_path / "results.json"
+    out_json.write_text(json.dumps({"date": "2026-12-05", "git": {"commit": "abc"}, "machine": {"cpu": "x"},
+                                    "rows": full.arm_rows(("meld", "baseline", 0), tmp_path / "runs")}))
+    _arm(tmp_path / "runs", "emorynlp", "baseline", 0, dev=0.30, oof=(0.28, 0.29), test=0.31, test_cal=0.32)
+    a = argparse.Namespace(out=tmp_path / "runs", out_json=out_json, notes=tmp_path / "none.json", epochs=1,
+                           micro_batch=16, evals_per_epoch=2, lr=1e-3, max_len=512, dtype="auto")
+    here = {"emorynlp/baseline/0": {"train": "t"}}
+    abc = {"meld/baseline/0": {"date": "2026-12-05", "commit": "abc", "cpu": "x"}}
+    assert full.collect(a, here, 0.0)["arms_from_earlier_invocations"] == abc
+    # collecting again in the same invocation (after every arm) does not turn its own arm into an earlier one
+    assert full.collect(a, here, 0.0)["arms_from_earlier_invocations"] == abc
+    # meld rerun here (its directory replaced, new scores): its rows and its provenance are this invocation's
+    import shutil
+    shutil.rmtree(tmp_path / "runs" / "meld")
+    _arm(tmp_path / "runs", "meld", "baseline", 0, dev=0.41, oof=(0.38, 0.42), test=0.50, test_cal=0.52)
+    assert full.collect(a, here, 0.0)["arms_from_earlier_invocations"] == {}
