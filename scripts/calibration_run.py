@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import erc_levers_run as levers
-from run_common import ROOT, git_state, machine, run_logged
+from run_common import ROOT, launch_state, run_logged
 
 from llama_erc.benchmarks.provenance import repo_relative
 from llama_erc.demo import smollm2_gguf
@@ -67,14 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     levers.add_recipe_args(p)  # erc_levers_run.py's recipe, which run_cell reads
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    launch = launch_state((a.out_json,))
     model, commands, rows = repo_relative(smollm2_gguf()), {}, []
     for dataset in filter(None, a.datasets.split(",")):
         if dataset not in levers.DATA_DIRS:
             raise SystemExit(f"unknown dataset {dataset!r}; known: {', '.join(levers.DATA_DIRS)}")
     for dataset in filter(None, a.datasets.split(",")):
         rows += run_dataset(dataset, a, model, commands)
-        result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-                  "git": git_state(), "model": repo_relative(smollm2_gguf()),
+        result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **launch,
+                  "model": repo_relative(smollm2_gguf()),
                   "recipe": "scripts/erc_levers_run.py baseline: 64 steps x 16 sequences, the final adapters",
                   "commands": commands, "rows": rows, "wall_s_this_invocation": round(time.perf_counter() - t0, 1)}
         a.out_json.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import erc_levers_run as levers
-from run_common import ROOT, git_state, machine, run_logged, write_results
+from run_common import ROOT, launch_state, run_logged, write_results
 
 from llama_erc.benchmarks.provenance import repo_relative
 from llama_erc.demo.pretrained import smollm2_gguf
@@ -234,7 +234,8 @@ def provenance_of_earlier(old: dict, arms: set[tuple[str, str, int]]) -> dict:
     return {k: before.get(k, this) for k in sorted("/".join(map(str, arm)) for arm in arms)}
 
 
-def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
+def collect(a: argparse.Namespace, commands: dict, t0: float, launch: dict) -> dict:
+    """Rebuild the results file from every arm under a.out. launch: run_common.launch_state() of this invocation."""
     out = ROOT / repo_relative(a.out)
     arms = sorted((d.parent.parent.name, d.parent.name, int(d.name[4:])) for d in out.glob("*/*/seed*")
                   if d.is_dir()) if out.is_dir() else []
@@ -252,7 +253,7 @@ def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
               and sorted(rs, key=_row_order) == sorted(old_by_arm.get(arm, []), key=_row_order)}
     done = sorted({_arm_of(r) for r in rows})
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "git": git_state(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **launch,
         "model": repo_relative(smollm2_gguf()),
         "recipe": {"epochs": a.epochs, "sequences_per_step": a.micro_batch, "evals_per_epoch": a.evals_per_epoch,
                    "lr": a.lr, "max_len": a.max_len, "dtype": a.dtype,
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    launch = launch_state((a.out_json,))
     commands: dict = {}
     if not a.collect:
         arms = [parse_arm(x) for x in a.arms.split(",") if x]
@@ -311,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         model = repo_relative(smollm2_gguf())
         for arm in arms:
             run_arm(arm, a, model, commands)
-            collect(a, commands, t0)  # after every arm, so an interrupted study keeps what finished
-    print_table(collect(a, commands, t0))
+            collect(a, commands, t0, launch)  # after every arm, so an interrupted study keeps what finished
+    print_table(collect(a, commands, t0, launch))
     return 0
 
 

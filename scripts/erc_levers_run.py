@@ -29,7 +29,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from run_common import ROOT, git_state, machine, run_logged, write_results
+from run_common import ROOT, launch_state, run_logged, write_results
 
 from llama_erc.demo.pretrained import smollm2_gguf
 from llama_erc.benchmarks.provenance import repo_relative
@@ -145,7 +145,8 @@ def choose_best(rows: list[dict]) -> str:
     return max(sorted(full), key=lambda s: full[s])
 
 
-def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
+def collect(a: argparse.Namespace, commands: dict, t0: float, launch: dict) -> dict:
+    """Rebuild the results file from every cell under a.out. launch: run_common.launch_state() of this invocation."""
     out = ROOT / repo_relative(a.out)
     rows = []
     for dataset in sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []:
@@ -153,7 +154,7 @@ def collect(a: argparse.Namespace, commands: dict, t0: float) -> dict:
             rows += cell_rows(dataset, system, out)
     old = json.loads(a.out_json.read_text()) if a.out_json.is_file() else {}
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "git": git_state(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **launch,
         "model": repo_relative(smollm2_gguf()),
         "budget": {"optimizer_steps": a.steps, "sequences_per_step": a.micro_batch,
                    "speaker_warmup_stage_steps": a.warmup_stage_steps,
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect", action="store_true", help="only rebuild the results file from finished cells")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    launch = launch_state((a.out_json,))
     model, commands = repo_relative(smollm2_gguf()), {}
     if not a.collect:
         for dataset in filter(None, a.datasets.split(",")):
@@ -218,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         for dataset in filter(None, a.datasets.split(",")):
             for system in filter(None, a.systems.split(",")):
                 run_cell(dataset, system, a, model, commands)
-                collect(a, commands, t0)  # after every cell, so a cut-short queue keeps what it measured
-    result = collect(a, commands, t0)
+                collect(a, commands, t0, launch)  # after every cell, so a cut-short queue keeps what it measured
+    result = collect(a, commands, t0, launch)
     print_table(result)
     print(f"wrote {repo_relative(a.out_json)}")
     return 0

@@ -99,9 +99,22 @@ def machine() -> dict:
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def git_state() -> dict:
+def git_state(own_outputs: tuple[Path, ...] = (), root: Path = ROOT) -> dict:
+    """The commit of the repository at `root` and whether a tracked file differs from it. own_outputs: the files
+    the calling study writes (its results JSON), left out of "dirty": a study that rewrites its results after
+    every arm would otherwise read its own earlier write as uncommitted work."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True).stdout.strip()
+    top = Path(root).resolve()
+    exclude = [f":(exclude){Path(p).resolve().relative_to(top).as_posix()}" for p in own_outputs
+               if Path(p).resolve().is_relative_to(top)]
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", *exclude))}
+
+
+def launch_state(own_outputs: tuple[Path, ...] = ()) -> dict:
+    """The machine and git state when a study starts, taken once: the results file is rewritten after every arm
+    (or dataset), and by then the load average is the study's own and the tree holds its own writes."""
+    return {"machine": machine(), "git": git_state(own_outputs)}
 
 

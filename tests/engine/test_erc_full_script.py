@@ -12,6 +12,7 @@ from tests.engine.test_erc_levers_script import _load_script
 
 full = _load_script("erc_full_run")
 DEMO_MELD = Path(__file__).resolve().parents[2] / "llama_erc" / "demo" / "meld_format"
+LAUNCH = {"machine": {"cpu": "launch-cpu"}, "git": {"commit": "c0", "dirty": False}}
 
 
 def _scores(acc: float, wf1: float, mf1: float, prefix: str = "") -> dict:
@@ -136,7 +137,7 @@ def test_collect_keeps_the_arms_of_earlier_invocations(tmp_path):
     shutil.rmtree(tmp_path / "runs" / "meld")
     a = argparse.Namespace(out=tmp_path / "runs", out_json=out_json, notes=tmp_path / "none.json", epochs=1,
                            micro_batch=16, evals_per_epoch=2, lr=1e-3, max_len=512, dtype="auto")
-    result = full.collect(a, {}, 0.0)
+    result = full.collect(a, {}, 0.0, LAUNCH)
     assert result["arms_run"] == ["emorynlp/baseline/0", "meld/baseline/0"]
     assert result["arms_from_earlier_invocations"] == {"meld/baseline/0": {"date": "2026-12-05", "commit": "abc",
                                                                             "cpu": "x"}}
@@ -144,6 +145,8 @@ def test_collect_keeps_the_arms_of_earlier_invocations(tmp_path):
     assert 1.0 not in [r["weighted_f1"] for r in result["rows"]]  # the rerun arm's old rows are gone
     assert result["commands"]["meld/baseline/0"] == {"train": "t"}
     assert result["best_by_dev"]["meld"]["arm"] == "meld/baseline"
+    # the machine and git state are the invocation's at launch, not re-read at each write of the results file
+    assert (result["machine"], result["git"]) == (LAUNCH["machine"], LAUNCH["git"])
 
 
 def test_collect_keeps_the_provenance_of_arms_an_earlier_invocation_ran_in_the_same_runs_dir(tmp_path):
@@ -160,11 +163,34 @@ def test_collect_keeps_the_provenance_of_arms_an_earlier_invocation_ran_in_the_s
                            micro_batch=16, evals_per_epoch=2, lr=1e-3, max_len=512, dtype="auto")
     here = {"emorynlp/baseline/0": {"train": "t"}}
     abc = {"meld/baseline/0": {"date": "2026-12-05", "commit": "abc", "cpu": "x"}}
-    assert full.collect(a, here, 0.0)["arms_from_earlier_invocations"] == abc
+    assert full.collect(a, here, 0.0, LAUNCH)["arms_from_earlier_invocations"] == abc
     # collecting again in the same invocation (after every arm) does not turn its own arm into an earlier one
-    assert full.collect(a, here, 0.0)["arms_from_earlier_invocations"] == abc
+    assert full.collect(a, here, 0.0, LAUNCH)["arms_from_earlier_invocations"] == abc
     # meld rerun here (its directory replaced, new scores): its rows and its provenance are this invocation's
     import shutil
     shutil.rmtree(tmp_path / "runs" / "meld")
     _arm(tmp_path / "runs", "meld", "baseline", 0, dev=0.41, oof=(0.38, 0.42), test=0.50, test_cal=0.52)
-    assert full.collect(a, here, 0.0)["arms_from_earlier_invocations"] == {}
+    assert full.collect(a, here, 0.0, LAUNCH)["arms_from_earlier_invocations"] == {}
+
+
+def test_git_state_leaves_the_studys_own_results_file_out_of_dirty(tmp_path):
+    import subprocess
+
+    # a study rewrites its results JSON after every arm: the next write must not read that as uncommitted work,
+    # while a change to any other tracked file still counts
+    common = _load_script("run_common")
+    repo = tmp_path / "repo"
+    (repo / "results").mkdir(parents=True)
+    (repo / "results" / "study.json").write_text("{}\n")
+    (repo / "code.py").write_text("x = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "c"], check=True)
+    own = (repo / "results" / "study.json",)
+    assert common.git_state(own, root=repo)["dirty"] is False
+    (repo / "results" / "study.json").write_text('{"rows": []}\n')
+    assert common.git_state(own, root=repo)["dirty"] is False
+    assert common.git_state((), root=repo)["dirty"] is True
+    (repo / "code.py").write_text("x = 2\n")
+    assert common.git_state(own, root=repo)["dirty"] is True
