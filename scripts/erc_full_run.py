@@ -5,7 +5,9 @@
 
 An arm is DATASET/SYSTEM/SEED. DATASET is meld, emorynlp or joint (trained on both train splits, leak-filtered
 by the guard of data/leaks.py, and scored on each corpus); SYSTEM is one of erc_levers_run.py's systems or several
-joined by '+'. Every arm trains --epochs whole epochs of the baseline recipe of
+joined by '+', optionally with a budget of N whole epochs, `@Nep` (e.g. emorynlp/baseline@2ep/0; without it,
+--epochs): a system trained longer is another system, with its own rows, spread and place in `best_by_dev`.
+Every arm trains its whole epochs of the baseline recipe of
 benchmarks/results/meld_smollm2_cpu.json (chat prompt, 2 previous turns, LoRA r=8 on all seven linears, packed rows
 with the shared prefix, lr 1e-3, --micro-batch sequences a step) with --dtype auto, evaluates on dev
 --evals-per-epoch times and keeps the best adapters by dev weighted F1. Then one `eval.py --split test
@@ -48,8 +50,24 @@ def parse_arm(text: str) -> tuple[str, str, int]:
     dataset, system, seed = parts[0], parts[1], int(parts[2])
     if dataset not in (*CORPORA, "joint"):
         raise SystemExit(f"arm {text!r}: unknown dataset {dataset!r}; known: {', '.join(CORPORA)}, joint")
-    levers.system_flags(system)  # refuses an unknown system now, not after an hour of training
+    levers.system_flags(split_epochs(system, text)[0])  # an unknown system fails now, not after an hour of training
     return dataset, system, seed
+
+
+def split_epochs(system: str, arm: str = "") -> tuple[str, int | None]:
+    """"retrieval@2ep" -> ("retrieval", 2); "retrieval" -> ("retrieval", None): the study's --epochs."""
+    name, at, budget = system.partition("@")
+    if not at:
+        return name, None
+    n = budget.removesuffix("ep")
+    if not budget.endswith("ep") or not n.isdigit() or int(n) < 1:
+        raise SystemExit(f"arm {arm or system!r}: the epoch budget {'@' + budget!r} is not @Nep with N >= 1, "
+                         f"e.g. baseline@2ep")
+    return name, int(n)
+
+
+def arm_epochs(arm: tuple[str, str, int], a: argparse.Namespace) -> int:
+    return split_epochs(arm[1])[1] or a.epochs
 
 
 def scored_corpora(dataset: str) -> tuple[str, ...]:
@@ -73,14 +91,14 @@ def train_command(arm: tuple[str, str, int], a: argparse.Namespace, model: str, 
     data = specs(dataset, a.data_root)
     steps_per_epoch = math.ceil(train_examples(data) / a.micro_batch)
     eval_every = max(1, math.ceil(steps_per_epoch / a.evals_per_epoch))
-    flags, warmup = levers.system_flags(system)
+    flags, warmup = levers.system_flags(split_epochs(system)[0])
     if warmup:
         raise SystemExit("the speaker warm-up stage is not part of this study's arms (erc_levers_run.py runs it)")
     return [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=1", "train.py",
             "--model", model, "--train_data", ",".join(data), "--dev_data", ",".join(data), "--out_dir", str(lora),
             "--prompt_format", "chat", "--dtype", a.dtype, "--kernels", "off", "--activation_checkpointing", "none",
             "--packing", "--share_prefix", "--context_turns", "2", "--max_len", str(a.max_len), "--micro_batch",
-            str(a.micro_batch), "--grad_accum", "1", "--epochs", str(a.epochs), "--max_steps", "0", "--lr",
+            str(a.micro_batch), "--grad_accum", "1", "--epochs", str(arm_epochs(arm, a)), "--max_steps", "0", "--lr",
             str(a.lr), "--warmup_steps", "20", "--lora_rank", "8", "--lora_alpha", "16", "--lora_targets",
             levers.LORA_TARGETS, "--lora_dropout", "0.05", "--seed", str(seed), "--log_every", "10",
             "--eval_every", str(eval_every), "--save_every", str(eval_every), "--eval_batch_size",
@@ -99,11 +117,22 @@ def _finished(cell: Path) -> bool:
     return bool(done) and "interrupted" not in done[-1]
 
 
+def check_budget(arm: tuple[str, str, int], a: argparse.Namespace) -> None:
+    """An arm directory trained at another budget is neither resumed nor re-read as this arm."""
+    config = ROOT / arm_dir(arm, a.out) / "lora" / "config.json"
+    trained = json.loads(config.read_text()).get("epochs") if config.is_file() else None
+    if trained is not None and trained != arm_epochs(arm, a):
+        raise SystemExit(f"{config.parent.parent}: trained for {trained} epochs, but this arm asks for "
+                         f"{arm_epochs(arm, a)} (--epochs {a.epochs}); name the budget in the arm (SYSTEM@Nep) or "
+                         f"delete the directory")
+
+
 def run_arm(arm: tuple[str, str, int], a: argparse.Namespace, model: str, commands: dict) -> None:
     cell = arm_dir(arm, a.out)
     lora = cell / "lora"
     (ROOT / cell).mkdir(parents=True, exist_ok=True)
     env = {"OMP_NUM_THREADS": str(os.cpu_count())}  # torchrun would set 1: give the one process every core
+    check_budget(arm, a)
     cmds = {"train": train_command(arm, a, model, lora)}
     if not _finished(cell):
         resume = ["--resume"] if (ROOT / lora / "checkpoints").is_dir() else []
@@ -137,6 +166,7 @@ def arm_rows(arm: tuple[str, str, int], out: Path) -> list[dict]:
     best = json.loads((lora / "best" / "config.json").read_text())
     records = [json.loads(x) for x in (lora / "metrics.jsonl").read_text().splitlines()]
     train_steps = max(r["step"] for r in records if "loss" in r)
+    epochs = json.loads((lora / "config.json").read_text())["epochs"]  # train.py's config, as it ran
     rows = []
     for kind in scored_corpora(dataset):
         report_file = cell / f"eval_test_{kind}" / "report.json"
@@ -146,8 +176,8 @@ def arm_rows(arm: tuple[str, str, int], out: Path) -> list[dict]:
         cal, raw = rep["calibration"], rep["uncalibrated"]
         oof = cal["fit"]["out_of_fold"]
         applied = cal["strength"][cal["metric"]]  # test is scored at this one strength, so dev is too
-        base = {"dataset": kind, "trained_on": dataset, "system": system, "seed": seed, "train_steps": train_steps,
-                "best_step": best["step"]}
+        base = {"dataset": kind, "trained_on": dataset, "system": system, "seed": seed, "epochs": epochs,
+                "train_steps": train_steps, "best_step": best["step"]}
         rows += [
             {**base, "split": "dev", "calibration": AS_TRAINED, **_scores(best["metrics"], f"{kind}_"),
              "source": f"dev evaluation at step {best['step']} (the best of the run)"},
@@ -218,6 +248,19 @@ def _row_order(row: dict) -> tuple:
             row["calibration"] != AS_TRAINED)
 
 
+def _with_epochs(row: dict, epochs: int) -> dict:
+    """A row written before rows recorded their epochs, given the epochs of the recipe its file was written with
+    (every such invocation ran that one budget); placed after the seed, where new rows have it."""
+    if "epochs" in row:
+        return row
+    out = {}
+    for k, v in row.items():
+        out[k] = v
+        if k == "seed":
+            out["epochs"] = epochs
+    return out
+
+
 def earlier_rows(old: dict, here: set[tuple[str, str, int]]) -> list[dict]:
     """The rows of arms that finished in an earlier invocation (perhaps on another machine, its runs/ gone) and
     have no finished directory here: a study spread over sessions keeps every arm; an arm rerun here replaces
@@ -241,6 +284,8 @@ def collect(a: argparse.Namespace, commands: dict, t0: float, launch: dict) -> d
                   if d.is_dir()) if out.is_dir() else []
     by_arm = {arm: arm_rows(arm, a.out) for arm in arms}  # read each arm's reports once
     old = json.loads(a.out_json.read_text()) if a.out_json.is_file() else {}
+    if old.get("rows"):
+        old["rows"] = [_with_epochs(r, old.get("recipe", {}).get("epochs", a.epochs)) for r in old["rows"]]
     kept = earlier_rows(old, {arm for arm in arms if by_arm[arm]})
     rows = sorted(kept + [r for arm in arms for r in by_arm[arm]], key=_row_order)
     # Invocations that share one runs/ directory re-read each other's arms: one this invocation did not run whose
@@ -255,8 +300,9 @@ def collect(a: argparse.Namespace, commands: dict, t0: float, launch: dict) -> d
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), **launch,
         "model": repo_relative(smollm2_gguf()),
-        "recipe": {"epochs": a.epochs, "sequences_per_step": a.micro_batch, "evals_per_epoch": a.evals_per_epoch,
-                   "lr": a.lr, "max_len": a.max_len, "dtype": a.dtype,
+        "recipe": {"epochs": a.epochs, "epochs_of": "an arm whose system has no @Nep (each row says its own)",
+                   "sequences_per_step": a.micro_batch, "evals_per_epoch": a.evals_per_epoch, "lr": a.lr,
+                   "max_len": a.max_len, "dtype": a.dtype,
                    "selection": "the best adapters by dev weighted F1 of the run's dev evaluations"},
         "systems": {name: " ".join(flags) for name, (flags, warm) in levers.SYSTEMS.items() if not warm},
         "commands": {**old.get("commands", {}), **commands},
@@ -310,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             for spec in specs(dataset, a.data_root):
                 if not (ROOT / spec.partition("=")[2]).exists():
                     raise SystemExit(f"{spec}: no such data (see ../shared/data's READMEs)")
+        for arm in arms:
+            check_budget(arm, a)  # every arm before the first one trains
         model = repo_relative(smollm2_gguf())
         for arm in arms:
             run_arm(arm, a, model, commands)

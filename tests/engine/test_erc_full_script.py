@@ -25,6 +25,7 @@ def _arm(root: Path, dataset: str, system: str, seed: int, *, dev: float, oof: t
     scored corpus (oof: the calibration's out-of-fold dev weighted F1 at strength 0 and at the chosen 0.5)."""
     cell = root / dataset / system / f"seed{seed}"
     (cell / "lora" / "best").mkdir(parents=True)
+    (cell / "lora" / "config.json").write_text(json.dumps({"epochs": full.split_epochs(system)[1] or 1}))
     kinds = full.scored_corpora(dataset)
     metrics = {k: v for kind in kinds for k, v in _scores(dev + 0.1, dev, dev - 0.1, f"{kind}_").items()}
     (cell / "lora" / "best" / "config.json").write_text(json.dumps(
@@ -52,7 +53,7 @@ def test_arm_rows(tmp_path):
     assert [(r["split"], r["calibration"], r["weighted_f1"]) for r in rows] == [
         ("dev", "none", 40.0), ("dev", "prior-shift", 42.0), ("test", "none", 50.0), ("test", "prior-shift", 52.0)]
     assert rows[1]["macro_f1"] == 20.0 and rows[1]["as_trained_same_weighting"]["weighted_f1"] == 38.0
-    assert all(r["train_steps"] == 8 and r["best_step"] == 4 and r["seed"] == 0 for r in rows)
+    assert all(r["train_steps"] == 8 and r["best_step"] == 4 and r["seed"] == 0 and r["epochs"] == 1 for r in rows)
     assert rows[2]["per_label_f1"] == {"a": 25.0, "b": 75.0} and rows[3]["strength"] == 0.5
     assert full.arm_rows(("meld", "retrieval", 0), tmp_path) == []
 
@@ -91,8 +92,11 @@ def test_spread_over_seeds(tmp_path):
 
 def test_arm_names_are_checked_before_any_work():
     assert full.parse_arm("joint/retrieval+history-5/1") == ("joint", "retrieval+history-5", 1)
+    assert full.parse_arm("emorynlp/history-5@3ep/0") == ("emorynlp", "history-5@3ep", 0)
     for bad, match in (("meld/baseline", "DATASET/SYSTEM/SEED"), ("iemocap/baseline/0", "unknown dataset"),
-                       ("meld/baseline/x", "DATASET/SYSTEM/SEED"), ("meld/history-7/0", "unknown system")):
+                       ("meld/baseline/x", "DATASET/SYSTEM/SEED"), ("meld/history-7/0", "unknown system"),
+                       ("meld/history-7@2ep/0", "unknown system"), ("meld/baseline@2/0", "@Nep"),
+                       ("meld/baseline@0ep/0", "@Nep"), ("meld/baseline@xep/0", "@Nep")):
         with pytest.raises(SystemExit, match=match):
             full.parse_arm(bad)
 
@@ -111,6 +115,27 @@ def test_an_epoch_is_counted_from_the_training_data(tmp_path):
     assert cmd[cmd.index("--eval_every") + 1] == str(-(-steps_per_epoch // 2))
     assert cmd[cmd.index("--epochs") + 1] == "2" and cmd[cmd.index("--dtype") + 1] == "auto"
     assert full.specs("joint", tmp_path)[0].startswith("meld=")
+    # an arm that names its budget trains that many epochs, its dev evaluations still counted per epoch
+    cmd = full.train_command(("meld", "retrieval@3ep", 0), a, "model.gguf", Path("runs/x"))
+    assert cmd[cmd.index("--epochs") + 1] == "3" and cmd[cmd.index("--retrieval") + 1] == "tfidf"
+    assert cmd[cmd.index("--eval_every") + 1] == str(-(-steps_per_epoch // 2))
+
+
+def test_an_arm_longer_trained_is_its_own_system_and_a_budget_mismatch_stops_before_training(tmp_path):
+    import argparse
+
+    _arm(tmp_path, "emorynlp", "baseline", 0, dev=0.38, oof=(0.37, 0.38), test=0.34, test_cal=0.34)
+    _arm(tmp_path, "emorynlp", "baseline@2ep", 0, dev=0.40, oof=(0.39, 0.41), test=0.36, test_cal=0.35)
+    rows = [r for system in ("baseline", "baseline@2ep") for r in full.arm_rows(("emorynlp", system, 0), tmp_path)]
+    assert sorted({(r["system"], r["epochs"]) for r in rows}) == [("baseline", 1), ("baseline@2ep", 2)]
+    assert full.best_by_dev(rows)["emorynlp"] == {"arm": "emorynlp/baseline@2ep", "calibration": "prior-shift",
+                                                  "dev_weighted_f1": 41.0}
+    assert len(full.spread(rows)) == 8  # two systems x (dev, test) x (as trained, calibrated)
+    # a directory trained at 1 epoch is not resumed or re-read as a 2-epoch arm (--epochs 2 on an unnamed budget)
+    a = argparse.Namespace(out=tmp_path, data_root=tmp_path, epochs=2, micro_batch=16, evals_per_epoch=2,
+                           dtype="auto", max_len=512, lr=1e-3, eval_batch=16)
+    with pytest.raises(SystemExit, match="trained for 1 epochs, but this arm asks for 2"):
+        full.run_arm(("emorynlp", "baseline", 0), a, "model.gguf", {})
 
 
 def test_finished_reads_the_last_words_of_train_log(tmp_path):
