@@ -128,11 +128,11 @@ def check_budget(arm: tuple[str, str, int], a: argparse.Namespace) -> None:
 
 
 def run_arm(arm: tuple[str, str, int], a: argparse.Namespace, model: str, commands: dict) -> None:
+    """Train the arm (unless finished) and read test once per scored corpus; main has run check_budget."""
     cell = arm_dir(arm, a.out)
     lora = cell / "lora"
     (ROOT / cell).mkdir(parents=True, exist_ok=True)
     env = {"OMP_NUM_THREADS": str(os.cpu_count())}  # torchrun would set 1: give the one process every core
-    check_budget(arm, a)
     cmds = {"train": train_command(arm, a, model, lora)}
     if not _finished(cell):
         resume = ["--resume"] if (ROOT / lora / "checkpoints").is_dir() else []

@@ -135,7 +135,7 @@ def test_an_arm_longer_trained_is_its_own_system_and_a_budget_mismatch_stops_bef
     a = argparse.Namespace(out=tmp_path, data_root=tmp_path, epochs=2, micro_batch=16, evals_per_epoch=2,
                            dtype="auto", max_len=512, lr=1e-3, eval_batch=16)
     with pytest.raises(SystemExit, match="trained for 1 epochs, but this arm asks for 2"):
-        full.run_arm(("emorynlp", "baseline", 0), a, "model.gguf", {})
+        full.check_budget(("emorynlp", "baseline", 0), a)
 
 
 def test_finished_reads_the_last_words_of_train_log(tmp_path):
